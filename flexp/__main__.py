@@ -1,0 +1,74 @@
+"""`python -m flexp [+experiment=NAME] [key=value ...]`: one job, or a sweep with -m."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from flexp.config import ConfigError, parse_config
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("dataset", "model", "partition", "engine", "tracking", "experiment")
+log = logging.getLogger("flexp")
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one line to stderr and exit: bad input is no reason for a traceback."""
+    print(f"flexp: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def check_group_choices(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
+    """Reject `group=option` overrides that name no config file, before Hydra prints a page about it."""
+    for arg in argv:
+        name, sep, value = arg.lstrip("+~").partition("=")
+        if not sep or name not in GROUPS or "(" in value:
+            continue
+        known = sorted(p.stem for p in (conf_dir / name).glob("*.yaml"))
+        for option in value.split(","):
+            if option and option not in known:
+                fail(f"{name}={option!r}: unknown {name}; choose one of {', '.join(known)}")
+
+
+def sweep_tags() -> dict[str, str]:
+    """Tags tying a job to its Hydra sweep (id: the sweep dir's last two parts) and its overrides."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    tags = {"flexp.overrides": " ".join(hc.overrides.task) or "(none)"}
+    if hc.mode == RunMode.MULTIRUN:
+        tags["flexp.sweep_id"] = "_".join(Path(hc.sweep.dir).parts[-2:])
+        tags["flexp.job_num"] = str(hc.job.num)
+    return tags
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    """Validate the composed config at the edge, then run the job."""
+    try:
+        tree = OmegaConf.to_container(cfg, resolve=True)
+        config = parse_config(tree)
+    except (ConfigError, OmegaConfBaseException) as err:
+        fail(str(err).splitlines()[0])
+    from flexp.data.mnist import DataSourceError
+    from flexp.run import execute
+    from flexp.tracking import MlflowTracker
+
+    try:
+        result = execute(config, MlflowTracker(config.tracking), sweep_tags(), OmegaConf.to_yaml(cfg))
+    except ConfigError as err:
+        fail(str(err))
+    except DataSourceError as err:
+        fail(" | ".join(str(err).splitlines()), code=1)
+    return result.summary().get("best_test_accuracy")
+
+
+if __name__ == "__main__":
+    check_group_choices(sys.argv[1:])
+    main()

@@ -1,0 +1,280 @@
+"""Typed experiment config: the Hydra/OmegaConf tree is validated here once, then only these objects flow inward."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODES = ("federated", "baseline")
+DATASETS = ("mnist", "synthetic")
+MODELS = ("2nn", "cnn", "logreg")
+PARTITIONS = ("iid", "shards", "dirichlet", "natural")
+ENGINES = ("threads",)
+DEVICES = ("cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot run; the message names the key and the value."""
+
+    def __init__(self, key: str, value: Any, why: str) -> None:
+        super().__init__(f"{key}={value!r}: {why}")
+        self.key = key
+        self.value = value
+
+
+@dataclass(frozen=True)
+class FLConfig:
+    """FedAvg's knobs: K, C, E, B, lr and the stopping rule."""
+
+    clients: int
+    fraction: float
+    local_epochs: int
+    batch_size: int | None
+    lr: float
+    rounds: int
+    eval_every: int
+    target_accuracy: float | None
+    stop_at_target: bool
+
+    @property
+    def clients_per_round(self) -> int:
+        """m = max(round(C*K), 1): C=0 means one client, as in the paper."""
+        return max(int(round(self.fraction * self.clients)), 1)
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    """Centralized training on the pooled data."""
+
+    epochs: int
+    batch_size: int | None
+    lr: float
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Which dataset, where it is cached, and the synthetic generator's parameters."""
+
+    name: str
+    root: Path | None = None
+    alpha: float = 1.0
+    beta: float = 1.0
+    users: int = 30
+    samples_per_user: int | None = None
+    features: int = 60
+    classes: int = 10
+    test_fraction: float = 0.2
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    """How the training set is split over clients."""
+
+    name: str
+    shards_per_client: int = 2
+    num_shards: int | None = None
+    alpha: float = 0.5
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which network to train."""
+
+    name: str
+    hidden: int = 200
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How client updates are executed."""
+
+    name: str = "threads"
+    workers: int = 2
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where runs are logged."""
+
+    uri: str
+    experiment: str
+    log_model: bool = True
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """The whole validated experiment."""
+
+    mode: str
+    seed: int
+    fl: FLConfig
+    baseline: BaselineConfig
+    dataset: DatasetConfig
+    partition: PartitionConfig
+    model: ModelConfig
+    engine: EngineConfig
+    tracking: TrackingConfig
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+class _Section:
+    """Reads typed values from one mapping, naming `prefix.key` in every error."""
+
+    def __init__(self, tree: Mapping[str, Any], prefix: str) -> None:
+        node = tree.get(prefix) if prefix else tree
+        if not isinstance(node, Mapping):
+            raise ConfigError(prefix, node, "must be a mapping")
+        self.node, self.prefix = node, prefix
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def raw(self, name: str, default: Any = ...) -> Any:
+        if name not in self.node:
+            if default is ...:
+                raise ConfigError(self.key(name), None, "is missing")
+            return default
+        return self.node[name]
+
+    def integer(self, name: str, low: int | None = None, default: Any = ..., optional: bool = False) -> int | None:
+        value = self.raw(name, default)
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+            raise ConfigError(self.key(name), value, "must be an integer")
+        if low is not None and value < low:
+            raise ConfigError(self.key(name), value, f"must be >= {low}")
+        return int(value)
+
+    def number(self, name: str, low: float | None = None, high: float | None = None, default: Any = ...,
+               optional: bool = False, strict_low: bool = False) -> float | None:
+        value = self.raw(name, default)
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(self.key(name), value, "must be a finite number")
+        if low is not None and (value <= low if strict_low else value < low):
+            raise ConfigError(self.key(name), value, f"must be {'>' if strict_low else '>='} {low}")
+        if high is not None and value > high:
+            raise ConfigError(self.key(name), value, f"must be <= {high}")
+        return float(value)
+
+    def flag(self, name: str, default: Any = ...) -> bool:
+        value = self.raw(name, default)
+        if not isinstance(value, bool):
+            raise ConfigError(self.key(name), value, "must be true or false")
+        return value
+
+    def choice(self, name: str, options: tuple[str, ...], default: Any = ...) -> str:
+        value = self.raw(name, default)
+        if value not in options:
+            raise ConfigError(self.key(name), value, f"must be one of {', '.join(options)}")
+        return str(value)
+
+    def text(self, name: str, default: Any = ...) -> str:
+        value = self.raw(name, default)
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(self.key(name), value, "must be a non-empty string")
+        return value
+
+    def batch(self, name: str) -> int | None:
+        """Batch size: 0 or null mean the full local dataset (the paper's B=inf)."""
+        value = self.raw(name)
+        if value is None or (isinstance(value, str) and value.lower() in ("inf", "full")):
+            return None
+        size = self.integer(name, low=0)
+        return size or None
+
+
+def _fl(tree: Mapping[str, Any]) -> FLConfig:
+    s = _Section(tree, "fl")
+    return FLConfig(
+        clients=s.integer("clients", low=1),
+        fraction=s.number("fraction", low=0.0, high=1.0),
+        local_epochs=s.integer("local_epochs", low=1),
+        batch_size=s.batch("batch_size"),
+        lr=s.number("lr", low=0.0, strict_low=True),
+        rounds=s.integer("rounds", low=1),
+        eval_every=s.integer("eval_every", low=1),
+        target_accuracy=s.number("target_accuracy", low=0.0, high=1.0, optional=True, default=None),
+        stop_at_target=s.flag("stop_at_target", default=False),
+    )
+
+
+def _baseline(tree: Mapping[str, Any]) -> BaselineConfig:
+    s = _Section(tree, "baseline")
+    return BaselineConfig(
+        epochs=s.integer("epochs", low=1),
+        batch_size=s.batch("batch_size"),
+        lr=s.number("lr", low=0.0, strict_low=True),
+    )
+
+
+def _dataset(tree: Mapping[str, Any]) -> DatasetConfig:
+    s = _Section(tree, "dataset")
+    name = s.choice("name", DATASETS)
+    if name == "mnist":
+        return DatasetConfig(name=name, root=Path(s.text("root")).expanduser())
+    return DatasetConfig(
+        name=name,
+        alpha=s.number("alpha", low=0.0),
+        beta=s.number("beta", low=0.0),
+        users=s.integer("users", low=1),
+        samples_per_user=s.integer("samples_per_user", low=2, optional=True, default=None),
+        features=s.integer("features", low=1),
+        classes=s.integer("classes", low=2),
+        test_fraction=s.number("test_fraction", low=0.0, high=0.9, strict_low=True),
+        seed=s.integer("seed", default=0),
+    )
+
+
+def _partition(tree: Mapping[str, Any]) -> PartitionConfig:
+    s = _Section(tree, "partition")
+    return PartitionConfig(
+        name=s.choice("name", PARTITIONS),
+        shards_per_client=s.integer("shards_per_client", low=1, default=2),
+        num_shards=s.integer("num_shards", low=1, optional=True, default=None),
+        alpha=s.number("alpha", low=0.0, strict_low=True, default=0.5),
+    )
+
+
+def _model(tree: Mapping[str, Any]) -> ModelConfig:
+    s = _Section(tree, "model")
+    return ModelConfig(name=s.choice("name", MODELS), hidden=s.integer("hidden", low=1, default=200))
+
+
+def _engine(tree: Mapping[str, Any]) -> EngineConfig:
+    s = _Section(tree, "engine")
+    return EngineConfig(
+        name=s.choice("name", ENGINES),
+        workers=s.integer("workers", low=1),
+        device=s.choice("device", DEVICES, default="cpu"),
+    )
+
+
+def _tracking(tree: Mapping[str, Any]) -> TrackingConfig:
+    s = _Section(tree, "tracking")
+    return TrackingConfig(uri=s.text("uri"), experiment=s.text("experiment"),
+                          log_model=s.flag("log_model", default=True))
+
+
+def parse_config(tree: Mapping[str, Any]) -> ExperimentConfig:
+    """Validate a resolved config mapping into an ExperimentConfig, or raise ConfigError naming the bad key."""
+    top = _Section(tree, "")
+    return ExperimentConfig(
+        mode=top.choice("mode", MODES),
+        seed=top.integer("seed", low=0),
+        fl=_fl(tree),
+        baseline=_baseline(tree),
+        dataset=_dataset(tree),
+        partition=_partition(tree),
+        model=_model(tree),
+        engine=_engine(tree),
+        tracking=_tracking(tree),
+        raw=tree,
+    )

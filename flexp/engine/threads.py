@@ -1,0 +1,61 @@
+"""Client updates on a thread pool, each worker reusing its own model replica (no copy per client).
+
+Each client's kernels run on one intra-op thread whatever `workers` is: PyTorch's CPU kernels round
+differently with different thread counts, and results must not depend on the worker count.
+"""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from flexp.client import ClientResult, ClientTask, LocalSpec, local_sgd
+from flexp.data import Split
+from flexp.flat import FlatModel
+
+
+@contextmanager
+def intra_op_threads(count: int) -> Iterator[None]:
+    """Run a block with `count` PyTorch intra-op threads, then restore the previous setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class ThreadEngine:
+    """Runs ClientUpdate for the sampled clients on `workers` threads; results come back in task order."""
+
+    def __init__(self, make_model: Callable[[], nn.Module], train: Split, spec: LocalSpec, workers: int,
+                 device: torch.device | str = "cpu") -> None:
+        self.train, self.spec, self.workers = train, spec, workers
+        self.replicas: queue.Queue[FlatModel] = queue.Queue()
+        for _ in range(workers):
+            self.replicas.put(FlatModel.wrap(make_model().to(device).train()))
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="flexp-client") if workers > 1 else None
+
+    def _update(self, global_params: torch.Tensor, task: ClientTask) -> ClientResult:
+        replica = self.replicas.get()
+        try:
+            replica.load(global_params)
+            return local_sgd(replica, self.train.x, self.train.y, task, self.spec)
+        finally:
+            self.replicas.put(replica)
+
+    def run_round(self, global_params: torch.Tensor, tasks: Sequence[ClientTask]) -> list[ClientResult]:
+        """Train every task's client from `global_params`."""
+        with intra_op_threads(1):
+            if self.pool is None:
+                return [self._update(global_params, t) for t in tasks]
+            return list(self.pool.map(lambda t: self._update(global_params, t), tasks))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)

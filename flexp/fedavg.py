@@ -1,0 +1,111 @@
+"""The FedAvg server loop (McMahan et al. 2017, Algorithm 1): sample, train locally, average, evaluate."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from flexp.aggregate import fedavg
+from flexp.client import ClientResult, ClientTask
+from flexp.config import FLConfig
+from flexp.data import Split
+from flexp.flat import flat_parameters, load_flat
+from flexp.metrics import evaluate, rounds_to_target
+
+
+class Engine(Protocol):
+    """Anything that turns (global weights, sampled clients) into client results, in task order."""
+
+    def run_round(self, global_params: torch.Tensor, tasks: Sequence[ClientTask]) -> list[ClientResult]: ...
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One round's metrics, as logged."""
+
+    round: int
+    clients: int
+    train_loss: float
+    round_seconds: float
+    bytes_up: int
+    bytes_down: int
+    test_accuracy: float | None = None
+    test_loss: float | None = None
+
+    def metrics(self) -> dict[str, float]:
+        """The record as a metric dict (test metrics only on evaluated rounds)."""
+        out = {"train_loss": self.train_loss, "round_seconds": self.round_seconds, "clients": self.clients,
+               "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
+        if self.test_accuracy is not None:
+            out.update(test_accuracy=self.test_accuracy, test_loss=self.test_loss)
+        return out
+
+
+@dataclass
+class TrainingResult:
+    """Final weights and the history of a federated or centralized run."""
+
+    params: torch.Tensor
+    history: list[RoundRecord] = field(default_factory=list)
+    target: float | None = None
+
+    def accuracies(self) -> list[tuple[int, float]]:
+        return [(r.round, r.test_accuracy) for r in self.history if r.test_accuracy is not None]
+
+    def summary(self) -> dict[str, float]:
+        """best/final accuracy, rounds_to_target (when reached) and total seconds."""
+        accs = self.accuracies()
+        out: dict[str, float] = {"total_seconds": sum(r.round_seconds for r in self.history)}
+        if accs:
+            out["best_test_accuracy"] = max(a for _, a in accs)
+            out["final_test_accuracy"] = accs[-1][1]
+        if self.target is not None and (reached := rounds_to_target(accs, self.target)) is not None:
+            out["rounds_to_target"] = reached
+        return out
+
+
+def sample_clients(num_clients: int, per_round: int, seed: int, round_: int) -> list[int]:
+    """The round's client set S_t, drawn from (seed, round) alone and sorted by client id."""
+    rng = np.random.default_rng([seed, round_])
+    return sorted(rng.choice(num_clients, size=per_round, replace=False).tolist())
+
+
+def client_seed(seed: int, round_: int, client: int) -> int:
+    """Seed of one client's batch order in one round, independent of threads and sampling order."""
+    return int(np.random.SeedSequence([seed, round_, client]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split, fl: FLConfig, engine: Engine,
+               seed: int, on_round: Callable[[RoundRecord], None] = lambda r: None) -> TrainingResult:
+    """Run FedAvg from `model`'s current weights; `model` ends holding the final global weights."""
+    global_params = flat_parameters(model)
+    model_bytes = global_params.numel() * global_params.element_size()
+    result = TrainingResult(global_params, target=fl.target_accuracy)
+    for round_ in range(1, fl.rounds + 1):
+        start = time.perf_counter()
+        chosen = sample_clients(len(partition), fl.clients_per_round, seed, round_)
+        tasks = [ClientTask(c, partition[c], client_seed(seed, round_, c)) for c in chosen]
+        updates = engine.run_round(global_params, tasks)
+        global_params = fedavg([u.params for u in updates], [u.num_samples for u in updates])
+        n_total = sum(u.num_samples for u in updates)
+        record = RoundRecord(
+            round=round_, clients=len(updates),
+            train_loss=sum(u.loss * u.num_samples for u in updates) / n_total,
+            round_seconds=0.0, bytes_up=len(updates) * model_bytes, bytes_down=len(tasks) * model_bytes)
+        if round_ % fl.eval_every == 0 or round_ == fl.rounds:
+            accuracy, loss = evaluate(load_flat(model, global_params), test)
+            record = replace(record, test_accuracy=accuracy, test_loss=loss)
+        record = replace(record, round_seconds=time.perf_counter() - start)
+        result.history.append(record)
+        result.params = global_params
+        on_round(record)
+        if fl.stop_at_target and fl.target_accuracy is not None and (record.test_accuracy or 0) >= fl.target_accuracy:
+            break
+    load_flat(model, global_params)
+    return result

@@ -1,0 +1,145 @@
+"""One job, start to end: data, partition, model, then FedAvg or the baseline, logged as one MLflow run."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from flexp import partition as partitions
+from flexp.baseline import run_baseline
+from flexp.client import LocalSpec
+from flexp.config import ConfigError, ExperimentConfig
+from flexp.data import Dataset, load_dataset
+from flexp.engine.threads import ThreadEngine
+from flexp.fedavg import RoundRecord, TrainingResult, run_fedavg
+from flexp.flat import load_flat
+from flexp.models import build_model, count_parameters
+from flexp.progress import Progress
+
+log = logging.getLogger("flexp")
+
+
+class Tracker(Protocol):
+    """What a run logs to; MlflowTracker in production, anything alike in tests."""
+
+    def start(self, run_name: str, tags: Mapping[str, str]) -> str: ...
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
+    def log_text(self, text: str, path: str) -> None: ...
+    def log_model(self, model: nn.Module) -> None: ...
+    def finish(self, status: str = "FINISHED") -> None: ...
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything a run needs, built and checked before any tracking starts."""
+
+    data: Dataset
+    partition: Sequence[torch.Tensor]
+    model: nn.Module
+    device: torch.device
+
+
+def make_partition(cfg: ExperimentConfig, data: Dataset) -> list[torch.Tensor]:
+    """Split the training set over fl.clients clients as partition.* says."""
+    p, k, n = cfg.partition, cfg.fl.clients, len(data.train)
+    if k > n:
+        raise ConfigError("fl.clients", k, f"is larger than the training set ({n} samples)")
+    labels = data.train.y.numpy()
+    try:
+        if p.name == "iid":
+            return partitions.iid(n, k, cfg.seed)
+        if p.name == "shards":
+            return partitions.shards(labels, k, p.shards_per_client, cfg.seed, p.num_shards)
+        if p.name == "dirichlet":
+            return partitions.dirichlet(labels, k, p.alpha, cfg.seed)
+        if data.train_groups is None:
+            raise ValueError(f"dataset {data.name} has no natural clients")
+        return partitions.natural(data.train_groups, k)
+    except ValueError as err:
+        raise ConfigError(f"partition={p.name} with fl.clients", k, str(err)) from None
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for engine.device, refusing cuda where there is none."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("engine.device", name, "CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def prepare(cfg: ExperimentConfig) -> Prepared:
+    """Load data, partition it and build the model; every ConfigError surfaces here, before a run exists."""
+    device = resolve_device(cfg.engine.device)
+    data = load_dataset(cfg.dataset, log=log.info)
+    parts = make_partition(cfg, data) if cfg.mode == "federated" else []
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model.name, data.input_shape, data.num_classes, cfg.model.hidden).to(device)
+    return Prepared(data.to(device), parts, model, device)
+
+
+def run_name(cfg: ExperimentConfig) -> str:
+    """A short, readable run name: what trained where, with the knobs that matter."""
+    if cfg.mode == "baseline":
+        return f"baseline-{cfg.model.name}-{cfg.dataset.name}-B{cfg.baseline.batch_size or 'inf'}"
+    fl = cfg.fl
+    return (f"fedavg-{cfg.model.name}-{cfg.dataset.name}-{cfg.partition.name}"
+            f"-K{fl.clients}-C{fl.fraction:g}-E{fl.local_epochs}-B{fl.batch_size or 'inf'}")
+
+
+def train(cfg: ExperimentConfig, ready: Prepared, on_record: Any) -> TrainingResult:
+    """Run FedAvg or the baseline on prepared inputs."""
+    if cfg.mode == "baseline":
+        return run_baseline(ready.model, ready.data.train, ready.data.test, cfg.baseline, cfg.seed,
+                            cfg.fl.target_accuracy, on_record)
+    spec = LocalSpec(cfg.fl.local_epochs, cfg.fl.batch_size, cfg.fl.lr)
+
+    def make_model() -> nn.Module:
+        return build_model(cfg.model.name, ready.data.input_shape, ready.data.num_classes, cfg.model.hidden)
+
+    engine = ThreadEngine(make_model, ready.data.train, spec, cfg.engine.workers, ready.device)
+    try:
+        return run_fedavg(ready.model, ready.partition, ready.data.test, cfg.fl, engine, cfg.seed, on_record)
+    finally:
+        engine.close()
+
+
+def execute(cfg: ExperimentConfig, tracker: Tracker, tags: Mapping[str, str], config_yaml: str) -> TrainingResult:
+    """Prepare, then train inside one tracked run that always ends FINISHED, FAILED or KILLED."""
+    ready = prepare(cfg)
+    unit = "epoch" if cfg.mode == "baseline" else "round"
+    total = cfg.baseline.epochs if cfg.mode == "baseline" else cfg.fl.rounds
+    run_id = tracker.start(run_name(cfg), {**tags, "flexp.mode": cfg.mode})
+    log.info("run %s: %s, %d parameters, %d %ss", run_id, run_name(cfg), count_parameters(ready.model), total, unit)
+    progress = Progress(total, unit)
+    status = "FAILED"
+    try:
+        from flexp.tracking import flatten
+
+        tracker.log_params(flatten(cfg.raw))
+        tracker.log_text(config_yaml, "config.yaml")
+
+        def on_record(record: RoundRecord) -> None:
+            tracker.log_metrics(record.metrics(), step=record.round)
+            progress.update(record)
+
+        result = train(cfg, ready, on_record)
+        progress.close()
+        summary = result.summary()
+        tracker.log_metrics(summary)
+        if cfg.tracking.log_model:
+            final = build_model(cfg.model.name, ready.data.input_shape, ready.data.num_classes, cfg.model.hidden)
+            tracker.log_model(load_flat(final, result.params.cpu()))
+        log.info("done: %s", "  ".join(f"{k} {v:.4g}" for k, v in summary.items()))
+        status = "FINISHED"
+        return result
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        progress.close()
+        tracker.finish(status)

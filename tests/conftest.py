@@ -1,0 +1,38 @@
+"""Shared helpers: run the real CLI in a subprocess against a throwaway MLflow store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["dataset=synthetic", "dataset.users=10", "dataset.samples_per_user=60", "model=logreg",
+         "fl.clients=10", "fl.local_epochs=1", "fl.batch_size=10", "fl.lr=0.1", "fl.rounds=3"]
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """`python -m flexp ARGS` in `cwd` with a local sqlite store; returns the finished process."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}", "PYTHONUNBUFFERED": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, "-m", "flexp", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    """A working directory whose MLflow store is tmp_path/mlflow.db."""
+    return tmp_path
+
+
+def mlflow_client(cwd: Path):
+    """A client on cwd's store, also made mlflow's global store so `runs:/` model URIs resolve there."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{cwd / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)

@@ -1,0 +1,41 @@
+"""Bad input stops with one line naming the key, exit code 2, and no MLflow run left behind."""
+
+import pytest
+from conftest import SMALL, run_cli
+
+CASES = [
+    (["fl.fraction=1.5"], "fl.fraction"),
+    (["fl.fraction=-0.1"], "fl.fraction"),
+    (["fl.local_epochs=0"], "fl.local_epochs"),
+    (["fl.lr=0"], "fl.lr"),
+    (["fl.lr=-0.5"], "fl.lr"),
+    (["fl.lr=fast"], "fl.lr"),
+    (["fl.rounds=0"], "fl.rounds"),
+    (["fl.batch_size=-3"], "fl.batch_size"),
+    (["fl.clients=100000"], "fl.clients"),
+    (["model=resnet"], "model"),
+    (["model.name=resnet"], "model.name"),
+    (["dataset=imagenet"], "dataset"),
+    (["partition=sorted"], "partition"),
+    (["partition=shards", "partition.num_shards=7"], "partition=shards"),
+    (["partition=natural", "fl.clients=4"], "partition=natural"),
+    (["mode=central"], "mode"),
+    (["model=cnn"], "model.name"),
+]
+
+
+@pytest.mark.parametrize("overrides, key", CASES, ids=[" ".join(c[0]) for c in CASES])
+def test_bad_value_exits_2_with_one_line_naming_the_key(store, overrides, key):
+    proc = run_cli([*SMALL, *overrides], store, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("flexp: error: ")
+    assert key in lines[0]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    db = store / "mlflow.db"
+    if db.exists():
+        import sqlite3
+
+        with sqlite3.connect(db) as con:
+            assert con.execute("select count(*) from runs").fetchone()[0] == 0

@@ -1,0 +1,79 @@
+"""The real `python -m flexp` on small synthetic data, read back from the MLflow store it wrote."""
+
+import mlflow.pytorch
+import torch
+import yaml
+from conftest import SMALL, mlflow_client, run_cli
+
+from flexp.config import DatasetConfig
+from flexp.data import load_dataset
+from flexp.metrics import evaluate
+
+
+def _only_run(cwd, experiment="flexp"):
+    client = mlflow_client(cwd)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    return client, runs
+
+
+def test_federated_run_logs_params_history_and_a_loadable_model(store):
+    proc = run_cli([*SMALL, "fl.rounds=4", "model=2nn"], store)
+    assert proc.returncode == 0, proc.stderr
+    client, runs = _only_run(store)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["fl.clients"] == "10"
+    assert run.data.params["model.name"] == "2nn"
+    history = client.get_metric_history(run.info.run_id, "test_accuracy")
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    for key in ("test_loss", "train_loss", "round_seconds", "clients", "bytes_up", "bytes_down"):
+        assert len(client.get_metric_history(run.info.run_id, key)) == 4, key
+    metrics = run.data.metrics
+    assert metrics["final_test_accuracy"] == history[-1].value
+    assert metrics["best_test_accuracy"] == max(m.value for m in history)
+    assert metrics["bytes_up"] == 1 * 4 * (60 * 200 + 200 + 200 * 200 + 200 + 200 * 10 + 10)
+    config_path = client.download_artifacts(run.info.run_id, "config.yaml", str(store))
+    assert yaml.safe_load(open(config_path))["fl"]["rounds"] == 4
+
+    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    data = load_dataset(DatasetConfig(name="synthetic", users=10, samples_per_user=60))
+    accuracy, _ = evaluate(model, data.test)
+    assert accuracy == metrics["final_test_accuracy"]
+    assert (store / "outputs").is_dir()
+
+
+def test_target_metric_and_progress_lines(store):
+    proc = run_cli([*SMALL, "fl.rounds=5", "fl.target_accuracy=0.05"], store)
+    assert proc.returncode == 0, proc.stderr
+    assert "round 5/5" in proc.stdout and "test_acc" in proc.stdout
+    _, runs = _only_run(store)
+    assert runs[0].data.metrics["rounds_to_target"] == 1
+
+
+def test_baseline_mode_logs_per_epoch_metrics_and_model(store):
+    proc = run_cli([*SMALL, "mode=baseline", "baseline.epochs=3", "baseline.batch_size=20"], store)
+    assert proc.returncode == 0, proc.stderr
+    client, runs = _only_run(store)
+    run = runs[0]
+    assert run.data.tags["flexp.mode"] == "baseline"
+    assert run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "test_accuracy")
+    assert [m.step for m in history] == [1, 2, 3]
+    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    data = load_dataset(DatasetConfig(name="synthetic", users=10, samples_per_user=60))
+    assert evaluate(model, data.test)[0] == history[-1].value
+    assert history[-1].value > 0.3
+
+
+def test_multirun_tags_every_job_with_one_sweep_id(store):
+    proc = run_cli(["-m", *SMALL, "fl.rounds=2", "fl.clients=5,10", "fl.fraction=0.2,1.0"], store)
+    assert proc.returncode == 0, proc.stderr
+    _, runs = _only_run(store)
+    assert len(runs) == 4
+    assert len({r.data.tags["flexp.sweep_id"] for r in runs}) == 1
+    combos = {(r.data.params["fl.clients"], r.data.params["fl.fraction"]) for r in runs}
+    assert combos == {("5", "0.2"), ("5", "1.0"), ("10", "0.2"), ("10", "1.0")}
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert torch.tensor([r.data.metrics["clients"] for r in runs]).tolist().count(10) == 1

