@@ -66,6 +66,8 @@ def main(cfg: DictConfig) -> float | None:
         fail(str(err))
     except DataSourceError as err:
         fail(" | ".join(str(err).splitlines()), code=1)
+    except KeyboardInterrupt:
+        fail("interrupted: the MLflow run is marked KILLED and keeps the rounds logged so far", code=130)
     return result.summary().get("best_test_accuracy")
 
 

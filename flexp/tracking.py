@@ -83,10 +83,16 @@ class MlflowTracker:
         import mlflow.pytorch
         import torch
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
-                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        quiet = logging.getLogger("mlflow.pytorch")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
+                                         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        finally:
+            quiet.setLevel(level)
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run with FINISHED, FAILED or KILLED."""

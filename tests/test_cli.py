@@ -77,3 +77,27 @@ def test_multirun_tags_every_job_with_one_sweep_id(store):
     assert combos == {("5", "0.2"), ("5", "1.0"), ("10", "0.2"), ("10", "1.0")}
     assert all(r.info.status == "FINISHED" for r in runs)
     assert torch.tensor([r.data.metrics["clients"] for r in runs]).tolist().count(10) == 1
+
+
+def test_interrupted_run_ends_killed_and_keeps_the_rounds_it_logged(store):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "flexp", *SMALL, "fl.rounds=100000"], cwd=store, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("round 3/"):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "interrupted" in rest and "Traceback" not in rest
+    client, runs = _only_run(store)
+    assert runs[0].info.status == "KILLED", "".join(seen)
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "test_accuracy")]
+    assert steps[:3] == [1, 2, 3] and steps == list(range(1, len(steps) + 1))
