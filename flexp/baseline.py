@@ -12,7 +12,7 @@ from flexp.client import ClientTask, LocalSpec, local_sgd
 from flexp.config import BaselineConfig
 from flexp.data import Split
 from flexp.fedavg import RoundRecord, TrainingResult, client_seed
-from flexp.flat import FlatModel
+from flexp.flat import Replica
 from flexp.metrics import evaluate
 
 
@@ -20,18 +20,18 @@ def run_baseline(model: nn.Module, train: Split, test: Split, cfg: BaselineConfi
                  target: float | None = None,
                  on_epoch: Callable[[RoundRecord], None] = lambda r: None) -> TrainingResult:
     """Train `model` in place for cfg.epochs epochs of minibatch SGD; evaluate after each epoch."""
-    flat = FlatModel.wrap(model.train())
+    replica = Replica(model.train())
     everything = torch.arange(len(train))
     spec = LocalSpec(epochs=1, batch_size=cfg.batch_size, lr=cfg.lr)
-    result = TrainingResult(flat.params, target=target)
+    result = TrainingResult(replica.flat(), target=target)
     for epoch in range(1, cfg.epochs + 1):
         start = time.perf_counter()
-        update = local_sgd(flat, train.x, train.y, ClientTask(0, everything, client_seed(seed, epoch, 0)), spec)
+        update = local_sgd(replica, train.x, train.y, ClientTask(0, everything, client_seed(seed, epoch, 0)), spec)
         accuracy, loss = evaluate(model, test)
         record = RoundRecord(round=epoch, clients=1, train_loss=update.loss,
                              round_seconds=time.perf_counter() - start, bytes_up=0, bytes_down=0,
                              test_accuracy=accuracy, test_loss=loss)
         result.history.append(record)
         on_epoch(record)
-    result.params = flat.params.detach().clone()
+    result.params = replica.flat()
     return result

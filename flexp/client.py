@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from flexp.flat import FlatModel
+from flexp.flat import Replica
 
 
 @dataclass(frozen=True)
@@ -38,21 +38,23 @@ class ClientResult:
     loss: float
 
 
-def local_sgd(model: FlatModel, x: torch.Tensor, y: torch.Tensor, task: ClientTask, spec: LocalSpec) -> ClientResult:
-    """Train `model` (already holding the global weights) on the task's samples; return its weights and loss."""
-    indices = task.indices.to(x.device)
-    n = len(indices)
-    batch = spec.batch_size or n
+def epoch_orders(task: ClientTask, epochs: int) -> torch.Tensor:
+    """[epochs, n_k] sample indices in the order the client visits them; a function of the task's seed alone."""
     generator = torch.Generator().manual_seed(task.seed)
+    n = len(task.indices)
+    return torch.stack([task.indices[torch.randperm(n, generator=generator)] for _ in range(epochs)])
+
+
+def local_sgd(model: Replica, x: torch.Tensor, y: torch.Tensor, task: ClientTask, spec: LocalSpec) -> ClientResult:
+    """Train `model` (already holding the global weights) on the task's samples; return its weights and loss."""
+    n = len(task.indices)
+    batch = spec.batch_size or n
     loss_sum = torch.zeros((), device=x.device)
-    for _ in range(spec.epochs):
-        order = indices[torch.randperm(n, generator=generator).to(x.device)]
+    for order in epoch_orders(task, spec.epochs).to(x.device):
         for start in range(0, n, batch):
             chosen = order[start:start + batch]
-            model.grads.zero_()
             loss = F.cross_entropy(model.module(x[chosen]), y[chosen])
-            loss.backward()
-            model.sgd_step(spec.lr)
+            model.sgd_step(loss, spec.lr)
             loss_sum += loss.detach() * len(chosen)
     mean_loss = float(loss_sum) / (n * spec.epochs)
-    return ClientResult(task.client, model.params.clone(), n, mean_loss)
+    return ClientResult(task.client, model.flat(), n, mean_loss)

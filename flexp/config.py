@@ -12,7 +12,7 @@ MODES = ("federated", "baseline")
 DATASETS = ("mnist", "synthetic")
 MODELS = ("2nn", "cnn", "logreg")
 PARTITIONS = ("iid", "shards", "dirichlet", "natural")
-ENGINES = ("threads",)
+ENGINES = ("auto", "threads", "vectorized")
 DEVICES = ("cpu", "cuda")
 
 
@@ -92,8 +92,9 @@ class ModelConfig:
 class EngineConfig:
     """How client updates are executed."""
 
-    name: str = "threads"
+    name: str = "auto"
     workers: int = 2
+    group_size: int | None = None
     device: str = "cpu"
 
 
@@ -252,7 +253,8 @@ def _engine(tree: Mapping[str, Any]) -> EngineConfig:
     s = _Section(tree, "engine")
     return EngineConfig(
         name=s.choice("name", ENGINES),
-        workers=s.integer("workers", low=1),
+        workers=s.integer("workers", low=1, default=2),
+        group_size=s.integer("group_size", low=1, optional=True, default=None),
         device=s.choice("device", DEVICES, default="cpu"),
     )
 

@@ -1,57 +1,48 @@
-"""A model whose parameters and gradients live in two flat tensors, so loading, SGD and averaging are single ops."""
+"""Models as flat parameter vectors: the server, aggregation and engines exchange one 1-D tensor per model."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 
-@dataclass
-class FlatModel:
-    """`module`'s parameters are views into `params`; its .grad tensors are views into `grads`."""
+class Replica:
+    """A worker's reusable copy of the model: load a flat vector in place, step, read the vector back.
 
-    module: nn.Module
-    params: torch.Tensor
-    grads: torch.Tensor
+    Layout stays contiguous (NCHW): channels-last runs the CNN ~7% faster on the CPU, but its conv kernels round
+    differently from the vectorized engine's, and the engines must agree.
+    """
 
-    @classmethod
-    def wrap(cls, module: nn.Module) -> FlatModel:
-        """Re-home every parameter and gradient of `module` into one flat buffer each (values kept)."""
-        plist = list(module.parameters())
-        params = torch.cat([p.detach().reshape(-1) for p in plist]).contiguous()
-        grads = torch.zeros_like(params)
-        offset = 0
-        for p in plist:
-            n = p.numel()
-            p.data = params[offset:offset + n].view_as(p)
-            p.grad = grads[offset:offset + n].view_as(p)
-            offset += n
-        return cls(module, params, grads)
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.params = list(self.module.parameters())
 
     def load(self, flat: torch.Tensor) -> None:
-        """Copy a flat parameter vector into the model in place."""
-        with torch.no_grad():
-            self.params.copy_(flat)
+        """Copy a flat parameter vector into the model's own tensors."""
+        load_flat(self.module, flat)
 
-    def sgd_step(self, lr: float) -> None:
-        """w <- w - lr * grad over the whole flat vector."""
+    def sgd_step(self, loss: torch.Tensor, lr: float) -> None:
+        """w <- w - lr * dloss/dw for every parameter, without touching .grad."""
+        grads = torch.autograd.grad(loss, self.params)
         with torch.no_grad():
-            self.params.add_(self.grads, alpha=-lr)
+            torch._foreach_add_(self.params, grads, alpha=-lr)
+
+    def flat(self) -> torch.Tensor:
+        """The current parameters as a new flat vector in PyTorch's order."""
+        return flat_parameters(self.module)
 
 
 def flat_parameters(module: nn.Module) -> torch.Tensor:
     """A detached copy of `module`'s parameters as one vector."""
-    return torch.cat([p.detach().reshape(-1) for p in module.parameters()]).clone()
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
 
 
 def load_flat(module: nn.Module, flat: torch.Tensor) -> nn.Module:
-    """Write a flat parameter vector into `module` (which keeps its own storage); return it."""
+    """Write a flat parameter vector into `module` (which keeps its own storage and layout); return it."""
     offset = 0
     with torch.no_grad():
         for p in module.parameters():
             n = p.numel()
-            p.copy_(flat[offset:offset + n].view_as(p))
+            p.copy_(flat[offset:offset + n].view(p.shape))
             offset += n
     return module

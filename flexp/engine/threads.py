@@ -16,7 +16,7 @@ from torch import nn
 
 from flexp.client import ClientResult, ClientTask, LocalSpec, local_sgd
 from flexp.data import Split
-from flexp.flat import FlatModel
+from flexp.flat import Replica
 
 
 @contextmanager
@@ -36,9 +36,9 @@ class ThreadEngine:
     def __init__(self, make_model: Callable[[], nn.Module], train: Split, spec: LocalSpec, workers: int,
                  device: torch.device | str = "cpu") -> None:
         self.train, self.spec, self.workers = train, spec, workers
-        self.replicas: queue.Queue[FlatModel] = queue.Queue()
+        self.replicas: queue.Queue[Replica] = queue.Queue()
         for _ in range(workers):
-            self.replicas.put(FlatModel.wrap(make_model().to(device).train()))
+            self.replicas.put(Replica(make_model().to(device).train()))
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="flexp-client") if workers > 1 else None
 
     def _update(self, global_params: torch.Tensor, task: ClientTask) -> ClientResult:

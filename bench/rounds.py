@@ -1,0 +1,245 @@
+"""FedAvg round cost on MNIST: a plain reference loop vs flexp's engines vs the machine's matmul roofline.
+
+    python bench/rounds.py                 # 2nn and cnn, 5 measured rounds after 1 warm-up
+    python bench/rounds.py --models 2nn --rounds 10 --device cuda
+
+Prints a table and writes JSON under outputs/bench/. Every variant starts from the same initial weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from torch.utils.flop_counter import FlopCounterMode
+
+from flexp.client import LocalSpec
+from flexp.config import DatasetConfig, FLConfig
+from flexp.data import load_mnist_dataset
+from flexp.engine.threads import ThreadEngine
+from flexp.engine.vectorized import VectorizedEngine
+from flexp.fedavg import run_fedavg, sample_clients
+from flexp.flat import flat_parameters
+from flexp.models import build_model
+from flexp.partition import iid
+
+SETTINGS = {"2nn": dict(local_epochs=1, batch_size=10, lr=0.1), "cnn": dict(local_epochs=5, batch_size=10, lr=0.1)}
+CLIENTS, FRACTION, SEED = 100, 0.1, 0
+
+
+@dataclass
+class Row:
+    """One variant's measurements."""
+
+    model: str
+    variant: str
+    round_s: float
+    train_s: float
+    eval_s: float
+    samples_per_s: float
+    gflops: float
+    roofline_pct: float
+    peak_rss_mib: float
+    accuracy: list[float] = field(default_factory=list)
+
+
+class PeakRSS:
+    """Samples this process's resident set every 10 ms while active; `.peak` in MiB."""
+
+    def __init__(self) -> None:
+        self.peak, self._stop = 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self._stop.is_set():
+            with open("/proc/self/statm") as f:
+                self.peak = max(self.peak, int(f.read().split()[1]) * page / 2**20)
+            self._stop.wait(0.01)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def matmul_gflops(device: torch.device, n: int = 2048, reps: int = 10) -> float:
+    """fp32 n^3 matmul rate: the roofline the training rates are compared with."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def flops_per_sample(model: nn.Module, batch: int = 10) -> float:
+    """Forward + backward FLOPs of one training sample, counted by PyTorch's FLOP counter."""
+    model = copy.deepcopy(model).cpu()
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(torch.randn(batch, 1, 28, 28)), torch.zeros(batch, dtype=torch.int64)).backward()
+    return counter.get_total_flops() / batch
+
+
+def reference_loop(name: str, root: Path, parts: list[torch.Tensor], rounds: int, init: nn.Module) -> list[dict]:
+    """The hand-written FedAvg many tutorials use: torchvision dataset, a DataLoader per client, deepcopy'd models."""
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+    train = datasets.MNIST(str(root), train=True, download=False, transform=tf)
+    test = datasets.MNIST(str(root), train=False, download=False, transform=tf)
+    cfg = SETTINGS[name]
+    loaders = [DataLoader(Subset(train, p.tolist()), batch_size=cfg["batch_size"], shuffle=True) for p in parts]
+    model, out = copy.deepcopy(init), []
+    for round_ in range(1, rounds + 1):
+        start = time.perf_counter()
+        states, sizes = [], []
+        for c in sample_clients(CLIENTS, int(CLIENTS * FRACTION), SEED, round_):
+            local = copy.deepcopy(model)
+            opt = torch.optim.SGD(local.parameters(), lr=cfg["lr"])
+            for _ in range(cfg["local_epochs"]):
+                for x, y in loaders[c]:
+                    opt.zero_grad()
+                    F.cross_entropy(local(x), y).backward()
+                    opt.step()
+            states.append(local.state_dict())
+            sizes.append(len(loaders[c].dataset))
+        model.load_state_dict({k: sum(s[k] * n for s, n in zip(states, sizes)) / sum(sizes) for k in states[0]})
+        trained = time.perf_counter()
+        correct = 0
+        with torch.no_grad():
+            for x, y in DataLoader(test, batch_size=1000):
+                correct += (model(x).argmax(1) == y).sum().item()
+        out.append(dict(train_s=trained - start, eval_s=time.perf_counter() - trained, accuracy=correct / len(test)))
+    return out
+
+
+class Timed:
+    """Wraps an engine to time its training part of each round."""
+
+    def __init__(self, engine, device: torch.device) -> None:
+        self.engine, self.device, self.times = engine, device, []
+
+    def run_round(self, params, tasks):
+        start = time.perf_counter()
+        out = self.engine.run_round(params, tasks)
+        sync(self.device)
+        self.times.append(time.perf_counter() - start)
+        return out
+
+
+def flexp_loop(name: str, engine_name: str, data, parts, rounds: int, init: nn.Module,
+               device: torch.device) -> list[dict]:
+    """flexp's own round loop with the chosen engine."""
+    cfg = SETTINGS[name]
+    spec = LocalSpec(cfg["local_epochs"], cfg["batch_size"], cfg["lr"])
+    make = lambda: copy.deepcopy(init)  # noqa: E731
+    engine = (ThreadEngine(make, data.train, spec, 2, device) if engine_name == "threads"
+              else VectorizedEngine(make, data.train, spec, device=device))
+    timed = Timed(engine, device)
+    fl = FLConfig(CLIENTS, FRACTION, cfg["local_epochs"], cfg["batch_size"], cfg["lr"], rounds, 1, None, False)
+    result = run_fedavg(copy.deepcopy(init).to(device), parts, data.test, fl, timed, SEED)
+    engine.close()
+    return [dict(train_s=t, eval_s=r.round_seconds - t, accuracy=r.test_accuracy)
+            for t, r in zip(timed.times, result.history)]
+
+
+def summarise(model: str, variant: str, rounds: list[dict], warmup: int, samples: int, fps: float,
+              roof: float, rss: float) -> Row:
+    measured = rounds[warmup:]
+    train_s = statistics.median(r["train_s"] for r in measured)
+    eval_s = statistics.median(r["eval_s"] for r in measured)
+    round_s = statistics.median(r["train_s"] + r["eval_s"] for r in measured)
+    gflops = samples / train_s * fps / 1e9
+    return Row(model, variant, round_s, train_s, eval_s, samples / train_s, gflops, 100 * gflops / roof, rss,
+               [round(r["accuracy"], 4) for r in rounds])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="2nn,cnn")
+    parser.add_argument("--variants", default="reference,threads,vectorized")
+    parser.add_argument("--rounds", type=int, default=5, help="measured rounds (after --warmup)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--root", default=os.environ.get("FLEXP_DATA", "~/.cache/flexp"))
+    parser.add_argument("--out", default="outputs/bench")
+    args = parser.parse_args()
+    device, root = torch.device(args.device), Path(args.root).expanduser()
+    data = load_mnist_dataset(DatasetConfig(name="mnist", root=root), log=lambda s: None)
+    cpu_parts = iid(len(data.train), CLIENTS, SEED)
+    roof = matmul_gflops(device)
+    print(f"matmul fp32 roofline: {roof:.1f} GFLOP/s on {device} ({torch.get_num_threads()} threads)", flush=True)
+    rows, total = [], args.rounds + args.warmup
+    for name in args.models.split(","):
+        torch.manual_seed(SEED)
+        init = build_model(name, (1, 28, 28), 10)
+        fps = flops_per_sample(init)
+        cfg = SETTINGS[name]
+        samples = int(CLIENTS * FRACTION) * 600 * cfg["local_epochs"]
+        for variant in args.variants.split(","):
+            with PeakRSS() as rss:
+                if variant == "reference":
+                    if device.type != "cpu":
+                        continue
+                    rounds = reference_loop(name, root, cpu_parts, total, init)
+                else:
+                    rounds = flexp_loop(name, variant, data.to(device), cpu_parts, total, init.to(device), device)
+            row = summarise(name, variant, rounds, args.warmup, samples, fps, roof, rss.peak)
+            rows.append(row)
+            print(f"  {name} {variant}: {row.round_s:.3f} s/round, acc {row.accuracy}", flush=True)
+        init_flat = flat_parameters(init)
+        del init_flat
+    print_table(rows, roof)
+    write_json(rows, roof, args)
+
+
+def print_table(rows: list[Row], roof: float) -> None:
+    ref = {r.model: r.round_s for r in rows if r.variant == "reference"}
+    head = f"{'model':5} {'variant':10} {'round s':>8} {'train s':>8} {'eval s':>7} {'speedup':>8} " \
+           f"{'samples/s':>10} {'GFLOP/s':>8} {'% roof':>7} {'peak RSS MiB':>12} {'final acc':>9}"
+    print("\n" + head + "\n" + "-" * len(head))
+    for r in rows:
+        speed = f"{ref[r.model] / r.round_s:.1f}x" if r.model in ref else "-"
+        print(f"{r.model:5} {r.variant:10} {r.round_s:8.3f} {r.train_s:8.3f} {r.eval_s:7.3f} {speed:>8} "
+              f"{r.samples_per_s:10.0f} {r.gflops:8.1f} {r.roofline_pct:6.0f}% {r.peak_rss_mib:12.0f} "
+              f"{r.accuracy[-1]:9.4f}")
+    print(f"(roofline: fp32 2048^3 matmul, {roof:.1f} GFLOP/s; speedup: reference round s / round s; "
+          "GFLOP/s over local training only)")
+
+
+def write_json(rows: list[Row], roof: float, args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"rounds-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
+                machine=platform.machine(), device=args.device, rounds=args.rounds, warmup=args.warmup,
+                clients=CLIENTS, fraction=FRACTION, settings=SETTINGS, roofline_gflops=roof)
+    path.write_text(json.dumps(dict(meta=meta, rows=[asdict(r) for r in rows]), indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

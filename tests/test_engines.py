@@ -1,0 +1,111 @@
+"""The vectorized engine trains every client exactly as the thread engine does (unequal n_k, partial batches)."""
+
+import numpy as np
+import pytest
+import torch
+
+from flexp.client import LocalSpec
+from flexp.config import DatasetConfig, EngineConfig, FLConfig
+from flexp.data import Dataset, Split, load_mnist_dataset
+from flexp.engine import choose_engine, make_engine
+from flexp.engine.batched_mlp import mlp_layers
+from flexp.engine.threads import ThreadEngine
+from flexp.engine.vectorized import VectorizedEngine, lockstep_plan
+from flexp.fedavg import run_fedavg
+from flexp.models import build_model
+from flexp.partition import iid, shards
+
+CLIENTS = 6
+
+
+@pytest.fixture(scope="module")
+def mnist_small(mnist_root) -> Dataset:
+    full = load_mnist_dataset(DatasetConfig(name="mnist", root=mnist_root), log=lambda _: None)
+    return Dataset("mnist", Split(full.train.x[:900], full.train.y[:900]), Split(full.test.x[:300], full.test.y[:300]),
+                   full.input_shape, 10)
+
+
+def _unequal(parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Trim client k by 7k samples, so sizes differ and last batches are partial."""
+    return [p[: len(p) - 7 * k] for k, p in enumerate(parts)]
+
+
+def _train(engine_cls, model_name, data, parts, fl: FLConfig, **kwargs):
+    spec = LocalSpec(fl.local_epochs, fl.batch_size, fl.lr)
+
+    def make():
+        torch.manual_seed(0)
+        return build_model(model_name, data.input_shape, 10)
+
+    engine = engine_cls(make, data.train, spec, **kwargs)
+    try:
+        return run_fedavg(make(), parts, data.test, fl, engine, seed=3).params
+    finally:
+        engine.close()
+
+
+def _compare(data: Dataset, model_name: str, split: str, batch_size: int | None, rounds: int) -> list[float]:
+    labels = data.train.y.numpy()
+    parts = iid(len(labels), CLIENTS, 1) if split == "iid" else shards(labels, CLIENTS, 2, 1)
+    parts = _unequal(parts)
+    fl = FLConfig(clients=CLIENTS, fraction=0.5, local_epochs=2, batch_size=batch_size, lr=0.05, rounds=rounds,
+                  eval_every=rounds, target_accuracy=None, stop_at_target=False)
+    threads = _train(ThreadEngine, model_name, data, parts, fl, workers=2)
+    vectorized = _train(VectorizedEngine, model_name, data, parts, fl)
+    grouped = _train(VectorizedEngine, model_name, data, parts, fl, group_size=2)
+    torch.manual_seed(0)
+    start = torch.nn.utils.parameters_to_vector(build_model(model_name, data.input_shape, 10).parameters())
+    assert (threads - start).abs().max() > 1e-3, "training should move the weights"
+    return [(vectorized - threads).abs().max().item(), (grouped - threads).abs().max().item()]
+
+
+@pytest.mark.parametrize("model_name", ["2nn", "cnn", "logreg"])
+@pytest.mark.parametrize("split", ["iid", "shards"])
+@pytest.mark.parametrize("batch_size", [10, None])
+def test_vectorized_equals_threads_in_float32(mnist_small, model_name, split, batch_size):
+    """One round of E=2 over 3 clients of unequal sizes: the same SGD steps, up to float32 rounding."""
+    assert max(_compare(mnist_small, model_name, split, batch_size, rounds=1)) < 1e-5
+
+
+@pytest.mark.parametrize("model_name", ["2nn", "cnn", "logreg"])
+@pytest.mark.parametrize("split", ["iid", "shards"])
+def test_vectorized_equals_threads_over_rounds_in_float64(mnist_small, model_name, split):
+    """Over several rounds float32 rounding can flip a ReLU or max-pool tie and the runs drift apart by ~1e-4;
+    in float64 the two engines must agree to rounding, which shows they do the same arithmetic."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        data = Dataset("mnist", Split(mnist_small.train.x.double(), mnist_small.train.y),
+                       Split(mnist_small.test.x.double(), mnist_small.test.y), mnist_small.input_shape, 10)
+        assert max(_compare(data, model_name, split, 10, rounds=3)) < 1e-10
+    finally:
+        torch.set_default_dtype(default)
+
+
+def test_lockstep_plan_masks_short_clients_and_partial_batches():
+    from flexp.client import ClientTask
+
+    tasks = [ClientTask(0, torch.arange(25), 1), ClientTask(1, torch.arange(100, 107), 2)]
+    plan = lockstep_plan(tasks, LocalSpec(epochs=2, batch_size=10, lr=0.1))
+    assert plan.indices.shape == (6, 2, 10)  # client 0: 3 steps per epoch; client 1: 1
+    valid = plan.mask.sum(2)
+    assert valid[:, 0].tolist() == [10, 10, 5, 10, 10, 5]
+    assert valid[:, 1].tolist() == [7, 7, 0, 0, 0, 0]
+    for k, task in enumerate(tasks):
+        seen = plan.indices[:, k][plan.mask[:, k]]
+        assert np.array_equal(np.sort(seen.numpy()), np.sort(np.tile(task.indices.numpy(), 2)))
+
+
+def test_auto_picks_vectorized_for_mlps_and_threads_for_the_cnn_on_cpu():
+    cpu = torch.device("cpu")
+    assert mlp_layers(build_model("2nn", (1, 28, 28), 10)) is not None
+    assert mlp_layers(build_model("cnn", (1, 28, 28), 10)) is None
+    assert choose_engine("auto", build_model("2nn", (1, 28, 28), 10), cpu) == "vectorized"
+    assert choose_engine("auto", build_model("logreg", (60,), 10), cpu) == "vectorized"
+    assert choose_engine("auto", build_model("cnn", (1, 28, 28), 10), cpu) == "threads"
+    assert choose_engine("auto", build_model("cnn", (1, 28, 28), 10), torch.device("cuda")) == "vectorized"
+    assert choose_engine("threads", build_model("2nn", (1, 28, 28), 10), cpu) == "threads"
+    split = Split(torch.zeros(4, 60), torch.zeros(4, dtype=torch.int64))
+    engine = make_engine(EngineConfig(name="auto"), lambda: build_model("logreg", (60,), 10), split,
+                         LocalSpec(1, 2, 0.1), cpu)
+    assert isinstance(engine, VectorizedEngine)
