@@ -11,15 +11,24 @@ from torch import nn
 from flexp.data import Split
 
 
-def evaluate(module: nn.Module, split: Split, batch_size: int = 2000) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of `module` on a whole split, in large inference batches."""
+def evaluate(module: nn.Module, split: Split, batch_size: int = 1000) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of `module` on a whole split, in large inference batches.
+
+    Image batches run channels-last: PyTorch's CPU max-pool is ~10x faster in that layout.
+    """
     was_training = module.training
     module.eval()
+    images = split.x.dim() == 4
+    if images:
+        module.to(memory_format=torch.channels_last)
     correct = torch.zeros((), dtype=torch.int64, device=split.x.device)
     loss = torch.zeros((), dtype=torch.float64, device=split.x.device)
     with torch.inference_mode():
         for start in range(0, len(split), batch_size):
-            logits = module(split.x[start:start + batch_size])
+            batch = split.x[start:start + batch_size]
+            if images:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            logits = module(batch)
             labels = split.y[start:start + batch_size]
             loss += F.cross_entropy(logits, labels, reduction="sum").double()
             correct += (logits.argmax(1) == labels).sum()
@@ -34,4 +43,19 @@ def rounds_to_target(history: Iterable[tuple[int, float]], target: float) -> int
         best = max(best, accuracy)
         if best >= target:
             return round_
+    return None
+
+
+def interpolated_rounds_to_target(history: Iterable[tuple[int, float]], target: float) -> float | None:
+    """The paper's rounds-to-target: make the curve monotone (best so far), then interpolate the crossing linearly."""
+    previous: tuple[int, float] | None = None
+    best = float("-inf")
+    for round_, accuracy in history:
+        best = max(best, accuracy)
+        if best >= target:
+            if previous is None or previous[1] >= target:
+                return float(round_)
+            r0, a0 = previous
+            return r0 + (target - a0) / (best - a0) * (round_ - r0)
+        previous = (round_, best)
     return None

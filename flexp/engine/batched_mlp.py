@@ -59,7 +59,7 @@ class BatchedMLP:
         return torch.cat(parts, dim=1)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, lr: float) -> torch.Tensor:
-        """SGD on mean cross-entropy over each client's masked batch; x [m, B, in], y, mask [m, B]; returns losses [m]."""
+        """SGD on each client's masked mean cross-entropy; x [m, B, in], y and mask [m, B]; returns losses [m]."""
         inputs, h = [], x
         last = len(self.weights) - 1
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):

@@ -71,14 +71,14 @@ class VectorizedEngine:
         losses = F.cross_entropy(functional_call(self.model, params, (x,)), y, reduction="none")
         return (losses * mask).sum() / mask.sum().clamp_min(1)
 
-    def _train_mlp(self, global_params: torch.Tensor, plan: Lockstep, clients: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _train_mlp(self, global_params: torch.Tensor, plan: Lockstep, clients: int) -> tuple[torch.Tensor, ...]:
         net = BatchedMLP.from_flat(global_params, self.layers, clients)
         loss_sum = torch.zeros(clients, device=self.device, dtype=self.train.x.dtype)
         for idx, mask in zip(plan.indices, plan.mask):
             loss_sum += net.step(self.flat_x[idx], self.train.y[idx], mask, self.spec.lr) * mask.sum(1)
         return net.flat(), loss_sum
 
-    def _train_vmap(self, global_params: torch.Tensor, plan: Lockstep, clients: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _train_vmap(self, global_params: torch.Tensor, plan: Lockstep, clients: int) -> tuple[torch.Tensor, ...]:
         params, offset = {}, 0
         for name, shape in zip(self.names, self.shapes):
             n = math.prod(shape)
