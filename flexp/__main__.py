@@ -13,7 +13,8 @@ from omegaconf.errors import OmegaConfBaseException
 from flexp.config import ConfigError, parse_config
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("dataset", "model", "partition", "engine", "tracking", "experiment")
+SWEEPS_DIR = CONF_DIR.parent / "sweeps"
+GROUPS = ("dataset", "model", "partition", "engine", "tracking", "experiment", "sweep")
 log = logging.getLogger("flexp")
 
 
@@ -29,7 +30,8 @@ def check_group_choices(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
         name, sep, value = arg.lstrip("+~").partition("=")
         if not sep or name not in GROUPS or "(" in value:
             continue
-        known = sorted(p.stem for p in (conf_dir / name).glob("*.yaml"))
+        folder = (SWEEPS_DIR if name == "sweep" else conf_dir) / name
+        known = sorted(p.stem for p in folder.glob("*.yaml"))
         for option in value.split(","):
             if option and option not in known:
                 fail(f"{name}={option!r}: unknown {name}; choose one of {', '.join(known)}")
@@ -40,12 +42,23 @@ def sweep_tags() -> dict[str, str]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from flexp.sweep import parent_run_id, sweep_id
+
     hc = HydraConfig.get()
     tags = {"flexp.overrides": " ".join(hc.overrides.task) or "(none)"}
     if hc.mode == RunMode.MULTIRUN:
-        tags["flexp.sweep_id"] = "_".join(Path(hc.sweep.dir).parts[-2:])
+        tags["flexp.sweep_id"] = sweep_id(hc.sweep.dir)
         tags["flexp.job_num"] = str(hc.job.num)
+        if parent := parent_run_id(hc.sweep.dir):
+            tags["mlflow.parentRunId"] = parent
     return tags
+
+
+def with_sweeps_on_search_path(argv: list[str]) -> list[str]:
+    """Add sweeps/ to Hydra's config search path (so `+sweep=table1` resolves) unless the user set one."""
+    if any(a.lstrip("+").startswith("hydra.searchpath=") for a in argv):
+        return argv
+    return [*argv, f"hydra.searchpath=[file://{SWEEPS_DIR}]"]
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -73,4 +86,5 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     check_group_choices(sys.argv[1:])
+    sys.argv[1:] = with_sweeps_on_search_path(sys.argv[1:])
     main()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import random
+import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from torch import nn
 
@@ -14,6 +17,7 @@ from flexp.config import TrackingConfig
 
 log = logging.getLogger(__name__)
 PARAM_LIMIT = 6000
+T = TypeVar("T")
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -26,6 +30,52 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def retrying(fn: Callable[..., T], attempts: int = 12, first_wait: float = 0.05) -> Callable[..., T]:
+    """Wrap a store call to retry while SQLite reports the database locked (parallel sweep jobs share one file)."""
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> T:
+        wait = first_wait
+        for attempt in range(attempts):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as err:  # MLflow wraps SQLAlchemy's OperationalError in varying types
+                if "locked" not in str(err).lower() or attempt == attempts - 1:
+                    raise
+                time.sleep(wait * (1 + random.random()))
+                wait = min(wait * 2, 2.0)
+        raise AssertionError("unreachable")
+
+    return call
+
+
+def open_experiment(uri: str, experiment: str) -> tuple[Any, str]:
+    """(MlflowClient, experiment id) for `experiment` in the store at `uri`, creating both if needed.
+
+    A sqlite store's artifacts go beside its database (<db dir>/mlartifacts) rather than into the cwd.
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    db = sqlite_path(uri)
+    artifact_location = None
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        artifact_location = (db.parent.resolve() / "mlartifacts").as_uri()
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(tracking_uri=uri)
+    found = retrying(client.get_experiment_by_name)(experiment)
+    if found is not None:
+        return client, found.experiment_id
+    try:
+        return client, retrying(client.create_experiment)(experiment, artifact_location=artifact_location)
+    except Exception:  # another job created it first
+        found = retrying(client.get_experiment_by_name)(experiment)
+        if found is None:
+            raise
+        return client, found.experiment_id
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -45,18 +95,8 @@ class MlflowTracker:
         """Open the store (creating it if needed) and start the run; return its id."""
         import mlflow
 
-        db = sqlite_path(self.cfg.uri)
-        artifact_location = None
-        if db is not None:
-            db.parent.mkdir(parents=True, exist_ok=True)
-            artifact_location = (db.parent.resolve() / "mlartifacts").as_uri()
-        mlflow.set_tracking_uri(self.cfg.uri)
-        experiment = mlflow.get_experiment_by_name(self.cfg.experiment)
-        if experiment is None:
-            experiment_id = mlflow.create_experiment(self.cfg.experiment, artifact_location=artifact_location)
-        else:
-            experiment_id = experiment.experiment_id
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags))
+        _, experiment_id = open_experiment(self.cfg.uri, self.cfg.experiment)
+        run = retrying(mlflow.start_run)(experiment_id=experiment_id, run_name=run_name, tags=dict(tags))
         self.run_id = run.info.run_id
         return self.run_id
 
@@ -66,17 +106,17 @@ class MlflowTracker:
         items = {k: str(v)[:PARAM_LIMIT] for k, v in params.items()}
         keys = sorted(items)
         for i in range(0, len(keys), 100):
-            mlflow.log_params({k: items[k] for k in keys[i:i + 100]})
+            retrying(mlflow.log_params)({k: items[k] for k in keys[i:i + 100]})
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         import mlflow
 
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        retrying(mlflow.log_metrics)({k: float(v) for k, v in metrics.items()}, step=step)
 
     def log_text(self, text: str, path: str) -> None:
         import mlflow
 
-        mlflow.log_text(text, path)
+        retrying(mlflow.log_text)(text, path)
 
     def log_model(self, model: nn.Module) -> None:
         """Log the final model as a pickled PyTorch model (loadable with mlflow.pytorch.load_model)."""
@@ -99,5 +139,5 @@ class MlflowTracker:
         import mlflow
 
         if self.run_id is not None:
-            mlflow.end_run(status=status)
+            retrying(mlflow.end_run)(status=status)
             self.run_id = None

@@ -1,0 +1,83 @@
+"""Rounds-to-target, speedups and the sweep report, on hand-made histories and on a real tiny sweep."""
+
+import pandas as pd
+import pytest
+
+from conftest import SMALL, mlflow_client, run_cli
+from flexp.metrics import interpolated_rounds_to_target
+from flexp.paper import paper_rounds
+from flexp.report import add_speedups, report, summarise
+
+
+def test_interpolated_rounds_to_target_follows_the_papers_recipe():
+    history = [(1, 0.5), (2, 0.8), (3, 0.7), (4, 0.95)]
+    assert interpolated_rounds_to_target(history, 0.9) == pytest.approx(3 + 0.1 / 0.15)
+    assert interpolated_rounds_to_target(history, 0.8) == 2.0
+    assert interpolated_rounds_to_target(history, 0.4) == 1.0
+    assert interpolated_rounds_to_target(history, 0.96) is None
+    assert interpolated_rounds_to_target([(2, 0.5), (4, 0.9)], 0.7) == pytest.approx(3.0)
+
+
+def test_summarise_reports_best_final_and_never_reached():
+    stats = summarise({"a": [(1, 0.3), (2, 0.6), (3, 0.5)], "b": [(1, 0.2)]}, target=0.55)
+    assert stats["a"] == {"best_accuracy": 0.6, "final_accuracy": 0.5, "rounds": 3, "rounds_to_target": 2,
+                          "rounds_to_target_interp": pytest.approx(1 + 0.25 / 0.3)}
+    assert stats["b"]["rounds_to_target"] is None and stats["b"]["rounds_to_target_interp"] is None
+
+
+def test_speedups_against_the_reference_row_with_the_same_other_keys():
+    table = pd.DataFrame({
+        "fl.fraction": ["0.0", "0.1", "0.5", "0.0", "0.1", "0.5"],
+        "fl.batch_size": ["0", "0", "0", "10", "10", "10"],
+        "rounds_to_target_interp": [100.0, 50.0, None, 30.0, 10.0, 7.5],
+    })
+    out = add_speedups(table, {"fl.fraction": 0.0}, ["fl.fraction", "fl.batch_size"])
+    assert out["speedup"].tolist()[:2] == [1.0, 2.0]
+    assert pd.isna(out["speedup"].iloc[2])
+    assert out["speedup"].tolist()[3:] == [1.0, 3.0, 4.0]
+    unreached = add_speedups(table.assign(rounds_to_target_interp=[None, 5.0, 5.0, 30.0, 10.0, 7.5]),
+                             {"fl.fraction": 0.0}, ["fl.fraction", "fl.batch_size"])
+    assert unreached["speedup"].iloc[:3].isna().all()
+
+
+def test_paper_numbers_only_where_the_setting_matches():
+    assert paper_rounds("2nn", "iid", 1, 10, 0.1, 0.97) == 87
+    assert paper_rounds("cnn", "shards", 5, 10, 0.1, 0.99, "table2") == 229
+    assert paper_rounds("cnn", "shards", 5, 10, 0.1, 0.99, "table1") == 206
+    assert paper_rounds("2nn", "iid", 1, None, 0.5, 0.97) == "-"
+    assert paper_rounds("2nn", "iid", 1, 10, 0.1, 0.92) == ""
+    assert paper_rounds("logreg", "iid", 1, 10, 0.1, 0.97) == ""
+
+
+def test_tiny_sweep_gives_one_parent_four_children_and_a_four_row_report(store):
+    proc = run_cli(["-m", *SMALL, "fl.rounds=4", "fl.target_accuracy=0.3", "fl.clients=5,10",
+                    "fl.fraction=0.2,1.0", "+report.reference={fl.fraction: 0.2}"], store)
+    assert proc.returncode == 0, proc.stderr
+    client = mlflow_client(store)
+    runs = client.search_runs([client.get_experiment_by_name("flexp").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("flexp.sweep_parent") == "true"]
+    children = [r for r in runs if r not in parents]
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    sweep = parent.data.tags["flexp.sweep_id"]
+    assert {c.data.tags["flexp.sweep_id"] for c in children} == {sweep}
+
+    out = report(sweep, store / "reports", f"sqlite:///{store / 'mlflow.db'}")
+    table = pd.read_csv(out / "table.csv")
+    assert len(table) == 4
+    by_run = {c.info.run_id: c for c in children}
+    for row in table.to_dict("records"):
+        run = by_run[row["run_id"]]
+        assert row["best_accuracy"] == pytest.approx(run.data.metrics["best_test_accuracy"])
+        assert row["final_accuracy"] == pytest.approx(run.data.metrics["final_test_accuracy"])
+        assert row["rounds"] == 4
+        if "rounds_to_target" in run.data.metrics:
+            assert row["rounds_to_target"] == run.data.metrics["rounds_to_target"]
+        if row["fl.fraction"] == 0.2 and pd.notna(row["rounds_to_target_interp"]):
+            assert row["speedup"] == pytest.approx(1.0)
+    for name in ("table.md", "accuracy.png", "accuracy_vs_bytes.png"):
+        assert (out / name).stat().st_size > 0
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/table.md", "report/table.csv", "report/accuracy.png"} <= artifacts
