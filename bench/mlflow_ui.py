@@ -1,4 +1,4 @@
-"""Open an experiment in the MLflow UI with headless Chromium, check its runs and `test_accuracy` are shown, screenshot it.
+"""Open an experiment in the MLflow UI in headless Chromium; check its runs and `test_accuracy` show; screenshot it.
 
     python bench/mlflow_ui.py                                  # outputs/mlflow.db, experiment "mnist"
     python bench/mlflow_ui.py --store /tmp/x/mlflow.db --experiment flexp --out shot.png

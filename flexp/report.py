@@ -7,7 +7,6 @@ for a sweep, logs them as artifacts of its parent run.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,7 +34,7 @@ def batch(text: object) -> int | None:
 
 
 def summarise(histories: Mapping[str, list[tuple[int, float]]], target: float | None) -> dict[str, dict]:
-    """Per run id: best and final accuracy, rounds run, rounds-to-target (first round, and the paper's interpolation)."""
+    """Per run id: best and final accuracy, rounds run, rounds-to-target (first round, and interpolated)."""
     out = {}
     for run_id, history in histories.items():
         accs = [a for _, a in history]

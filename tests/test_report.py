@@ -2,8 +2,8 @@
 
 import pandas as pd
 import pytest
-
 from conftest import SMALL, mlflow_client, run_cli
+
 from flexp.metrics import interpolated_rounds_to_target
 from flexp.paper import paper_rounds
 from flexp.report import add_speedups, report, summarise
