@@ -22,7 +22,7 @@ from pathlib import Path
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--hide-scrollbars", "--window-size=1500,950", "--virtual-time-budget=20000"]
+                  "--hide-scrollbars", "--virtual-time-budget=20000"]
 
 
 def free_port() -> int:
@@ -75,10 +75,10 @@ def check(store: Path, experiment: str, out: Path) -> dict:
         exp = api(port, f"experiments/get-by-name?experiment_name={urllib.request.quote(experiment)}")["experiment"]
         runs = api(port, "runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 50}).get("runs", [])
         names = [r["info"].get("run_name", "") for r in runs]
-        url = f"http://127.0.0.1:{port}/#/experiments/{exp['experiment_id']}"
-        dom = chromium(["--dump-dom", url])
+        url = f"http://127.0.0.1:{port}/#/experiments/{exp['experiment_id']}/runs?compareRunsMode=CHART"
+        dom = chromium(["--window-size=1600,2400", "--dump-dom", url])  # tall enough to render every chart
         out.parent.mkdir(parents=True, exist_ok=True)
-        chromium([f"--screenshot={out.resolve()}", url])
+        chromium(["--window-size=1600,1000", f"--screenshot={out.resolve()}", url])
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -104,11 +104,14 @@ def histories(run_ids: list[str], metric: str) -> dict[str, list[tuple[int, floa
     return {r: sorted((m.step, m.value) for m in client.get_metric_history(r, metric)) for r in run_ids}
 
 
-def build_table(runs: pd.DataFrame, accs: Mapping[str, list[tuple[int, float]]]) -> tuple[pd.DataFrame, list[str]]:
-    """One row per run: the config keys that vary across the runs, then the results and the paper's number."""
+def build_table(runs: pd.DataFrame, accs: Mapping[str, list[tuple[int, float]]]) -> tuple[pd.DataFrame, list[str], dict]:
+    """One row per run (in job order): the config keys that vary, the results, the paper's number; plus the
+    varying keys and the sweep's reference setting."""
     params = {k: runs.get(f"params.{k}") for k in KEYS if f"params.{k}" in runs}
     frame = pd.DataFrame({k: v.values for k, v in params.items()})
     frame.insert(0, "run_id", runs["run_id"].values)
+    if "tags.flexp.job_num" in runs:
+        frame.insert(1, "job", pd.to_numeric(runs["tags.flexp.job_num"], errors="coerce").values)
     varying = [k for k in params if frame[k].nunique(dropna=False) > 1]
     target = number(frame["fl.target_accuracy"].iloc[0]) if "fl.target_accuracy" in frame else None
     stats = summarise(accs, target)
@@ -122,15 +125,17 @@ def build_table(runs: pd.DataFrame, accs: Mapping[str, list[tuple[int, float]]])
     reference = {k[len("params.report.reference."):]: runs[k].iloc[0]
                  for k in runs.columns if k.startswith("params.report.reference.")}
     frame = add_speedups(frame, reference, varying) if reference else frame.assign(speedup=None)
-    return frame, varying
+    if "job" in frame:
+        frame = frame.sort_values("job", kind="stable").reset_index(drop=True)
+    return frame, varying, reference
 
 
 def markdown(frame: pd.DataFrame, varying: list[str], target: float | None) -> str:
     """The table as Markdown: varying keys, then results (rounds-to-target as in the paper, interpolated)."""
     shown = frame[[*varying, "best_accuracy", "final_accuracy", "rounds", "rounds_to_target_interp", "speedup",
                    "paper"]].copy()
-    shown["fl.batch_size"] = shown["fl.batch_size"].map(lambda b: "inf" if batch(b) is None else b) \
-        if "fl.batch_size" in shown else None
+    if "fl.batch_size" in shown:
+        shown["fl.batch_size"] = shown["fl.batch_size"].map(lambda b: shown_value("fl.batch_size", b))
     shown = shown.rename(columns={"rounds_to_target_interp": f"rounds to {target:g}" if target else "rounds to target",
                                   "paper": "paper"}).dropna(axis=1, how="all")
     for col in ("best_accuracy", "final_accuracy"):
@@ -143,8 +148,40 @@ def markdown(frame: pd.DataFrame, varying: list[str], target: float | None) -> s
     return head + "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in shown.itertuples(index=False))
 
 
+def shown_value(key: str, value: object) -> str:
+    """A config value as a reader expects it: B=0 (full batch) as 'inf'."""
+    return "inf" if key == "fl.batch_size" and batch(value) is None else str(value)
+
+
 def label(row: Mapping[str, object], varying: list[str]) -> str:
-    return ", ".join(f"{k.split('.')[-1]}={row[k]}" for k in varying) or str(row["run_id"])[:8]
+    return ", ".join(f"{k.split('.')[-1]}={shown_value(k, row[k])}" for k in varying) or str(row["run_id"])[:8]
+
+
+def paper_layout(frame: pd.DataFrame, varying: list[str], reference: Mapping[str, object]) -> str:
+    """Like the paper's Table 1: one row per value of the reference key, one column per value of the other key;
+    cells 'rounds (speedup) [paper]'. Empty unless exactly two keys vary and one is the reference key."""
+    rows_key = next((k for k in reference if k in varying), None)
+    if rows_key is None or len(varying) != 2:
+        return ""
+    cols_key = next(k for k in varying if k != rows_key)
+
+    def cell(r: Mapping[str, object]) -> str:
+        rounds = r["rounds_to_target_interp"]
+        text = "—" if pd.isna(rounds) else f"{rounds:.1f}"
+        if pd.notna(r["speedup"]) and pd.notna(rounds):
+            text += f" ({r['speedup']:.1f}x)"
+        return text + (f" [{r['paper']}]" if r["paper"] not in ("", None) and pd.notna(r["paper"]) else "")
+
+    cols = list(dict.fromkeys(frame[cols_key]))
+    head = f"| {rows_key} | " + " | ".join(f"{cols_key}={shown_value(cols_key, c)}" for c in cols) + " |\n"
+    lines = [head, "|---|" + "---|" * len(cols) + "\n"]
+    for value in dict.fromkeys(frame[rows_key]):
+        cells = []
+        for c in cols:
+            match = frame[(frame[rows_key] == value) & (frame[cols_key] == c)]
+            cells.append(cell(match.iloc[0]) if len(match) else "")
+        lines.append(f"| {value} | " + " | ".join(cells) + " |\n")
+    return "".join(lines)
 
 
 def plot(frame: pd.DataFrame, varying: list[str], accs: Mapping, traffic: Mapping, baseline: Mapping,
@@ -216,11 +253,15 @@ def report(key: str, out_root: Path = Path("outputs/reports"), tracking_uri: str
     accs = histories(list(fl_runs["run_id"]), "test_accuracy")
     traffic = {r: {m: h[r] for m in ("bytes_up", "bytes_down") for h in [histories([r], m)]} for r in accs}
     baseline = histories(list(base_runs["run_id"]), "test_accuracy")
-    frame, varying = build_table(fl_runs, accs)
+    frame, varying, reference = build_table(fl_runs, accs)
     target = number(frame["fl.target_accuracy"].iloc[0]) if "fl.target_accuracy" in frame else None
     out = out_root / key.replace("/", "_")
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(frame, varying, target)
+    layout = paper_layout(frame, varying, reference)
+    if layout:
+        text = (f"Rounds to {target:g} (paper's interpolation; speedup against {', '.join(reference)} = "
+                f"{', '.join(str(v) for v in reference.values())}; [paper]):\n\n{layout}\nAll runs:\n\n{text}")
     (out / "table.md").write_text(f"# {key}\n\n{text}")
     frame.to_csv(out / "table.csv", index=False)
     paths = [out / "table.md", out / "table.csv", *plot(frame, varying, accs, traffic, baseline, out)]

@@ -70,7 +70,8 @@ def open_experiment(uri: str, experiment: str) -> tuple[Any, str]:
     if found is not None:
         return client, found.experiment_id
     try:
-        return client, retrying(client.create_experiment)(experiment, artifact_location=artifact_location)
+        return client, retrying(client.create_experiment)(experiment, artifact_location=artifact_location,
+                                                          tags={"mlflow.experimentKind": "custom_model_development"})
     except Exception:  # another job created it first
         found = retrying(client.get_experiment_by_name)(experiment)
         if found is None:

@@ -81,3 +81,20 @@ def test_tiny_sweep_gives_one_parent_four_children_and_a_four_row_report(store):
         assert (out / name).stat().st_size > 0
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/table.md", "report/table.csv", "report/accuracy.png"} <= artifacts
+
+
+def test_parallel_joblib_jobs_share_one_sqlite_store_without_losing_anything(store):
+    proc = run_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4", *SMALL, "fl.rounds=12",
+                    "tracking.log_model=false", "fl.fraction=0.1,0.2,0.5,1.0"], store, timeout=400)
+    assert proc.returncode == 0, proc.stderr
+    client = mlflow_client(store)
+    runs = client.search_runs([client.get_experiment_by_name("flexp").experiment_id])
+    children = [r for r in runs if r.data.tags.get("flexp.sweep_parent") != "true"]
+    assert len(runs) == 5 and len(children) == 4
+    assert len({r.data.tags["mlflow.parentRunId"] for r in children}) == 1
+    expected_params = len(children[0].data.params)
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert len(run.data.params) == expected_params
+        for key in ("test_accuracy", "train_loss", "bytes_up", "round_seconds"):
+            assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == list(range(1, 13)), key
