@@ -14,7 +14,7 @@ from flexp.config import ConfigError, parse_config
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 SWEEPS_DIR = CONF_DIR.parent / "sweeps"
-GROUPS = ("dataset", "model", "partition", "engine", "tracking", "experiment", "sweep")
+GROUPS = ("dataset", "model", "partition", "engine", "tracking", "experiment", "sweep", "strategy")
 log = logging.getLogger("flexp")
 
 

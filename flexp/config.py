@@ -14,6 +14,8 @@ MODELS = ("2nn", "cnn", "logreg")
 PARTITIONS = ("iid", "shards", "dirichlet", "natural")
 ENGINES = ("auto", "threads", "vectorized")
 DEVICES = ("cpu", "cuda")
+STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "median", "trimmed_mean", "krum",
+              "multikrum")
 
 
 class ConfigError(ValueError):
@@ -99,6 +101,21 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class StrategyConfig:
+    """The server's aggregation rule and its hyperparameters."""
+
+    name: str = "fedavg"
+    server_lr: float = 1.0
+    momentum: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+    trim: float = 0.1
+    byzantine: int = 1
+    keep: int = 1
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     """Where runs are logged."""
 
@@ -120,6 +137,7 @@ class ExperimentConfig:
     model: ModelConfig
     engine: EngineConfig
     tracking: TrackingConfig
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -265,6 +283,23 @@ def _tracking(tree: Mapping[str, Any]) -> TrackingConfig:
                           log_model=s.flag("log_model", default=True))
 
 
+def _strategy(tree: Mapping[str, Any]) -> StrategyConfig:
+    if "strategy" not in tree:
+        return StrategyConfig()
+    s = _Section(tree, "strategy")
+    return StrategyConfig(
+        name=s.choice("name", STRATEGIES),
+        server_lr=s.number("server_lr", low=0.0, strict_low=True, default=1.0),
+        momentum=s.number("momentum", low=0.0, high=1.0, default=0.9),
+        beta1=s.number("beta1", low=0.0, high=1.0, default=0.9),
+        beta2=s.number("beta2", low=0.0, high=1.0, default=0.99),
+        tau=s.number("tau", low=0.0, strict_low=True, default=1e-3),
+        trim=s.number("trim", low=0.0, high=0.49, default=0.1),
+        byzantine=s.integer("byzantine", low=0, default=1),
+        keep=s.integer("keep", low=1, default=1),
+    )
+
+
 def parse_config(tree: Mapping[str, Any]) -> ExperimentConfig:
     """Validate a resolved config mapping into an ExperimentConfig, or raise ConfigError naming the bad key."""
     top = _Section(tree, "")
@@ -278,5 +313,6 @@ def parse_config(tree: Mapping[str, Any]) -> ExperimentConfig:
         model=_model(tree),
         engine=_engine(tree),
         tracking=_tracking(tree),
+        strategy=_strategy(tree),
         raw=tree,
     )

@@ -11,12 +11,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from flexp.aggregate import fedavg
 from flexp.client import ClientResult, ClientTask
 from flexp.config import FLConfig
 from flexp.data import Split
 from flexp.flat import flat_parameters, load_flat
 from flexp.metrics import evaluate, rounds_to_target
+from flexp.strategy import Strategy
+from flexp.strategy.fedavg import FedAvg
 
 
 class Engine(Protocol):
@@ -82,8 +83,10 @@ def client_seed(seed: int, round_: int, client: int) -> int:
 
 
 def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split, fl: FLConfig, engine: Engine,
-               seed: int, on_round: Callable[[RoundRecord], None] = lambda r: None) -> TrainingResult:
-    """Run FedAvg from `model`'s current weights; `model` ends holding the final global weights."""
+               seed: int, on_round: Callable[[RoundRecord], None] = lambda r: None,
+               strategy: Strategy | None = None) -> TrainingResult:
+    """Run FedAvg (or another server `strategy`) from `model`'s weights; `model` ends holding the final ones."""
+    strategy = strategy or FedAvg()
     global_params = flat_parameters(model)
     model_bytes = global_params.numel() * global_params.element_size()
     result = TrainingResult(global_params, target=fl.target_accuracy)
@@ -92,7 +95,8 @@ def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split,
         chosen = sample_clients(len(partition), fl.clients_per_round, seed, round_)
         tasks = [ClientTask(c, partition[c], client_seed(seed, round_, c)) for c in chosen]
         updates = engine.run_round(global_params, tasks)
-        global_params = fedavg([u.params for u in updates], [u.num_samples for u in updates])
+        global_params = strategy.aggregate(global_params, [u.params for u in updates],
+                                           [u.num_samples for u in updates])
         n_total = sum(u.num_samples for u in updates)
         record = RoundRecord(
             round=round_, clients=len(updates),

@@ -104,7 +104,8 @@ def histories(run_ids: list[str], metric: str) -> dict[str, list[tuple[int, floa
     return {r: sorted((m.step, m.value) for m in client.get_metric_history(r, metric)) for r in run_ids}
 
 
-def build_table(runs: pd.DataFrame, accs: Mapping[str, list[tuple[int, float]]]) -> tuple[pd.DataFrame, list[str], dict]:
+def build_table(runs: pd.DataFrame,
+                accs: Mapping[str, list[tuple[int, float]]]) -> tuple[pd.DataFrame, list[str], dict]:
     """One row per run (in job order): the config keys that vary, the results, the paper's number; plus the
     varying keys and the sweep's reference setting."""
     params = {k: runs.get(f"params.{k}") for k in KEYS if f"params.{k}" in runs}

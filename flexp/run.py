@@ -20,6 +20,7 @@ from flexp.fedavg import RoundRecord, TrainingResult, run_fedavg
 from flexp.flat import load_flat
 from flexp.models import build_model, count_parameters
 from flexp.progress import Progress
+from flexp.strategy import make_strategy
 
 log = logging.getLogger("flexp")
 
@@ -87,7 +88,7 @@ def run_name(cfg: ExperimentConfig) -> str:
     if cfg.mode == "baseline":
         return f"baseline-{cfg.model.name}-{cfg.dataset.name}-B{cfg.baseline.batch_size or 'inf'}"
     fl = cfg.fl
-    return (f"fedavg-{cfg.model.name}-{cfg.dataset.name}-{cfg.partition.name}"
+    return (f"{cfg.strategy.name}-{cfg.model.name}-{cfg.dataset.name}-{cfg.partition.name}"
             f"-K{fl.clients}-C{fl.fraction:g}-E{fl.local_epochs}-B{fl.batch_size or 'inf'}")
 
 
@@ -103,7 +104,8 @@ def train(cfg: ExperimentConfig, ready: Prepared, on_record: Any) -> TrainingRes
 
     engine = make_engine(cfg.engine, make_model, ready.data.train, spec, ready.device)
     try:
-        return run_fedavg(ready.model, ready.partition, ready.data.test, cfg.fl, engine, cfg.seed, on_record)
+        return run_fedavg(ready.model, ready.partition, ready.data.test, cfg.fl, engine, cfg.seed, on_record,
+                          make_strategy(cfg.strategy))
     finally:
         engine.close()
 

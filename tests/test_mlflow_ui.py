@@ -4,7 +4,6 @@ import importlib.util
 import shutil
 
 import pytest
-
 from conftest import ROOT, SMALL, run_cli
 
 pytestmark = pytest.mark.skipif(shutil.which("chromium") is None,

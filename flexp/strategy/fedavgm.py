@@ -1,0 +1,31 @@
+"""FedAvgM (Hsu et al. 2019): server momentum on the pseudo-gradient global - average."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from flexp.aggregate import weighted_average
+
+
+def momentum_step(global_params: torch.Tensor, average: torch.Tensor, velocity: torch.Tensor | None,
+                  server_lr: float, momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """v <- momentum * v + (w - avg); w <- w - server_lr * v. Returns (new weights, new v), in float64."""
+    delta = global_params.double() - average.double()
+    velocity = delta if velocity is None else momentum * velocity + delta
+    return global_params.double() - server_lr * velocity, velocity
+
+
+class FedAvgM:
+    """FedAvg with server momentum; momentum=0, server_lr=1 is FedAvg exactly."""
+
+    def __init__(self, server_lr: float = 1.0, momentum: float = 0.9) -> None:
+        self.server_lr, self.momentum = server_lr, momentum
+        self.velocity: torch.Tensor | None = None
+
+    def aggregate(self, global_params: torch.Tensor, params: Sequence[torch.Tensor],
+                  num_samples: Sequence[int]) -> torch.Tensor:
+        average = weighted_average(params, num_samples)
+        new, self.velocity = momentum_step(global_params, average, self.velocity, self.server_lr, self.momentum)
+        return new.to(global_params.dtype)

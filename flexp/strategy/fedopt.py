@@ -1,0 +1,39 @@
+"""FedAdam, FedYogi, FedAdagrad (Reddi et al. 2021): an adaptive server optimizer on the averaged update."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from flexp.aggregate import weighted_average
+
+
+def second_moment(kind: str, v: torch.Tensor, delta: torch.Tensor, beta2: float) -> torch.Tensor:
+    """v_t for adagrad (sum of squares), adam (EMA) or yogi (sign-controlled additive update)."""
+    square = delta * delta
+    if kind == "adagrad":
+        return v + square
+    if kind == "adam":
+        return beta2 * v + (1 - beta2) * square
+    return v - (1 - beta2) * square * torch.sign(v - square)
+
+
+class FedOpt:
+    """w <- w + server_lr * m / (sqrt(v) + tau), m and v moments of delta = average - w (bias-uncorrected)."""
+
+    def __init__(self, kind: str, server_lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99,
+                 tau: float = 1e-3) -> None:
+        self.kind, self.server_lr, self.beta1, self.beta2, self.tau = kind, server_lr, beta1, beta2, tau
+        self.m: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def aggregate(self, global_params: torch.Tensor, params: Sequence[torch.Tensor],
+                  num_samples: Sequence[int]) -> torch.Tensor:
+        w = global_params.double()
+        delta = weighted_average(params, num_samples).double() - w
+        if self.m is None:
+            self.m, self.v = torch.zeros_like(w), torch.zeros_like(w)
+        self.m = self.beta1 * self.m + (1 - self.beta1) * delta
+        self.v = second_moment(self.kind, self.v, delta, self.beta2)
+        return (w + self.server_lr * self.m / (self.v.sqrt() + self.tau)).to(global_params.dtype)

@@ -1,0 +1,25 @@
+"""Coordinate-wise median (Yin et al. 2018): robust to a minority of arbitrary client weights."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from flexp.strategy import stacked
+
+
+def coordinate_median(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per coordinate, the middle value (the mean of the two middle ones for an even count)."""
+    ordered = stacked(params).sort(dim=0).values
+    k = len(params)
+    middle = ordered[k // 2] if k % 2 else (ordered[k // 2 - 1] + ordered[k // 2]) / 2
+    return middle.to(params[0].dtype)
+
+
+class Median:
+    """Ignores sample counts: every returned client votes once per coordinate."""
+
+    def aggregate(self, global_params: torch.Tensor, params: Sequence[torch.Tensor],
+                  num_samples: Sequence[int]) -> torch.Tensor:
+        return coordinate_median(params)

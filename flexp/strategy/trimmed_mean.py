@@ -1,0 +1,28 @@
+"""Coordinate-wise trimmed mean (Yin et al. 2018): drop the beta fraction of largest and smallest values."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from flexp.strategy import stacked
+
+
+def trimmed_mean(params: Sequence[torch.Tensor], beta: float) -> torch.Tensor:
+    """Per coordinate, the mean after removing floor(beta * k) values from each end."""
+    k = len(params)
+    cut = int(beta * k)
+    if 2 * cut >= k:
+        raise ValueError(f"trimming {cut} of {k} values from each end leaves nothing")
+    ordered = stacked(params).sort(dim=0).values
+    return ordered[cut:k - cut].mean(dim=0).to(params[0].dtype)
+
+
+class TrimmedMean:
+    def __init__(self, beta: float = 0.1) -> None:
+        self.beta = beta
+
+    def aggregate(self, global_params: torch.Tensor, params: Sequence[torch.Tensor],
+                  num_samples: Sequence[int]) -> torch.Tensor:
+        return trimmed_mean(params, self.beta)
