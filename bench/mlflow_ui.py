@@ -3,8 +3,9 @@
     python bench/mlflow_ui.py                                  # outputs/mlflow.db, experiment "mnist"
     python bench/mlflow_ui.py --store /tmp/x/mlflow.db --experiment flexp --out shot.png
 
-Needs Debian's chromium (`apt-get install chromium`). Starts `mlflow server` on 127.0.0.1 (a free port) and stops
-it afterwards. Prints what it found and writes JSON beside the screenshot; exit code 1 if a check fails.
+Needs Debian's chromium (`apt-get install chromium`) and Playwright (the dev extra; it drives that Chromium, no
+browser download). Starts `mlflow server` on 127.0.0.1 (a free port) and stops it afterwards. Prints what it
+found and writes JSON beside the screenshot; exit code 1 if a check fails.
 """
 
 from __future__ import annotations
@@ -15,14 +16,12 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--hide-scrollbars", "--virtual-time-budget=20000"]
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+                 "--disable-background-networking", "--disable-component-update"]
 
 
 def free_port() -> int:
@@ -57,35 +56,52 @@ def api(port: int, path: str, body: dict | None = None) -> dict:
         return json.loads(r.read())
 
 
-def chromium(args: list[str]) -> str:
+def render(url: str, run_names: list[str], out: Path) -> dict:
+    """Open the runs page in headless Chromium (driven by Playwright), wait for every run, filter the charts to
+    test_accuracy as a user would, and screenshot the result."""
+    from playwright.sync_api import TimeoutError as Timeout
+    from playwright.sync_api import sync_playwright
+
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None:
         raise FileNotFoundError("chromium is not installed (apt-get install chromium)")
-    with tempfile.TemporaryDirectory() as profile:
-        done = subprocess.run([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args], capture_output=True,
-                              text=True, timeout=180)
-    return done.stdout
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.goto(url)
+        shown, accuracy = 0, False
+        try:
+            for name in run_names:
+                page.get_by_text(name, exact=True).first.wait_for(timeout=60_000)
+                shown += 1
+            page.get_by_placeholder("Search metric charts").fill("test_accuracy")
+            page.get_by_text("test_accuracy", exact=True).first.wait_for(timeout=60_000)
+            accuracy = True
+            page.wait_for_timeout(1500)  # let the chart lines draw before the screenshot
+        except Timeout:
+            pass
+        out.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(out))
+        browser.close()
+    return {"runs_shown": shown, "test_accuracy_shown": accuracy}
 
 
 def check(store: Path, experiment: str, out: Path) -> dict:
-    """Start the server, read the runs over the API, render the experiment page, and compare."""
+    """Start the server, read the runs over the API, render the experiment's runs page, and compare."""
     port = free_port()
     server = start_server(store, port)
     try:
         exp = api(port, f"experiments/get-by-name?experiment_name={urllib.request.quote(experiment)}")["experiment"]
         runs = api(port, "runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 50}).get("runs", [])
-        names = [r["info"].get("run_name", "") for r in runs]
+        names = [r["info"]["run_name"] for r in runs if r["info"].get("run_name")]
         url = f"http://127.0.0.1:{port}/#/experiments/{exp['experiment_id']}/runs?compareRunsMode=CHART"
-        dom = chromium(["--window-size=1600,2400", "--dump-dom", url])  # tall enough to render every chart
-        out.parent.mkdir(parents=True, exist_ok=True)
-        chromium(["--window-size=1600,1000", f"--screenshot={out.resolve()}", url])
+        seen = render(url, names, out)
     finally:
         server.terminate()
         server.wait(timeout=30)
-    shown = [n for n in names if n and n in dom]
-    result = {"url": url, "runs": len(runs), "runs_shown": len(shown), "test_accuracy_shown": "test_accuracy" in dom,
-              "screenshot": str(out), "screenshot_bytes": out.stat().st_size if out.exists() else 0}
-    result["ok"] = bool(runs) and len(shown) == min(len(runs), len(names)) and result["test_accuracy_shown"] \
+    result = {"url": url, "runs": len(runs), **seen, "screenshot": str(out),
+              "screenshot_bytes": out.stat().st_size if out.exists() else 0}
+    result["ok"] = bool(runs) and seen["runs_shown"] == len(names) and seen["test_accuracy_shown"] \
         and result["screenshot_bytes"] > 10_000
     return result
 

@@ -10,7 +10,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from flexp.config import ConfigError, parse_config
+from flexp.config import ConfigError, check_key, parse_config
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 SWEEPS_DIR = CONF_DIR.parent / "sweeps"
@@ -28,6 +28,11 @@ def check_group_choices(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
     """Reject `group=option` overrides that name no config file, before Hydra prints a page about it."""
     for arg in argv:
         name, sep, value = arg.lstrip("+~").partition("=")
+        if sep and "." in name and not arg.startswith(("+", "~", "hydra.")):
+            try:
+                check_key(name)
+            except ConfigError as err:
+                fail(str(err))
         if not sep or name not in GROUPS or "(" in value:
             continue
         folder = (SWEEPS_DIR if name == "sweep" else conf_dir) / name
@@ -84,7 +89,18 @@ def main(cfg: DictConfig) -> float | None:
     return result.summary().get("best_test_accuracy")
 
 
+def interrupt_on_sigterm() -> None:
+    """Treat SIGTERM (kill, a scheduler's stop) like Ctrl-C, so the MLflow run is ended KILLED, not left RUNNING."""
+    import signal
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 if __name__ == "__main__":
+    interrupt_on_sigterm()
     check_group_choices(sys.argv[1:])
     sys.argv[1:] = with_sweeps_on_search_path(sys.argv[1:])
     main()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ class ConfigError(ValueError):
     """A config value that cannot run; the message names the key and the value."""
 
     def __init__(self, key: str, value: Any, why: str) -> None:
-        super().__init__(f"{key}={value!r}: {why}")
+        super().__init__(f"{key}: {why}" if value is None else f"{key}={value!r}: {why}")
         self.key = key
         self.value = value
 
@@ -300,8 +300,33 @@ def _strategy(tree: Mapping[str, Any]) -> StrategyConfig:
     )
 
 
+SECTIONS = {"fl": FLConfig, "baseline": BaselineConfig, "dataset": DatasetConfig, "partition": PartitionConfig,
+            "model": ModelConfig, "engine": EngineConfig, "tracking": TrackingConfig, "strategy": StrategyConfig}
+TOP_LEVEL = ("mode", "seed", "report", *SECTIONS)
+
+
+def check_key(path: str) -> None:
+    """Raise ConfigError for a dotted key flexp does not know (a typo would otherwise be silently ignored)."""
+    head, _, rest = path.partition(".")
+    if head not in TOP_LEVEL:
+        raise ConfigError(path, None, f"unknown key; top-level keys are {', '.join(TOP_LEVEL)}")
+    if head in SECTIONS and rest:
+        known = [f.name for f in fields(SECTIONS[head]) if f.name != "raw"]
+        if rest.split(".")[0] not in known:
+            raise ConfigError(path, None, f"unknown key; {head} has {', '.join(known)}")
+
+
+def _check_keys(tree: Mapping[str, Any]) -> None:
+    for key, value in tree.items():
+        check_key(key)
+        if key in SECTIONS and isinstance(value, Mapping):
+            for sub in value:
+                check_key(f"{key}.{sub}")
+
+
 def parse_config(tree: Mapping[str, Any]) -> ExperimentConfig:
     """Validate a resolved config mapping into an ExperimentConfig, or raise ConfigError naming the bad key."""
+    _check_keys(tree)
     top = _Section(tree, "")
     return ExperimentConfig(
         mode=top.choice("mode", MODES),

@@ -21,6 +21,11 @@ CASES = [
     (["partition=natural", "fl.clients=4"], "partition=natural"),
     (["mode=central"], "mode"),
     (["model=cnn"], "model.name"),
+    (["fl.lrr=0.1"], "fl.lrr"),
+    (["+fl.lrr=0.1"], "fl.lrr"),
+    (["+learning_rate=0.1"], "learning_rate"),
+    (["strategy=fedsgd"], "strategy"),
+    (["strategy=trimmed_mean", "strategy.trim=0.7"], "strategy.trim"),
 ]
 
 

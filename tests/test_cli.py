@@ -1,6 +1,7 @@
 """The real `python -m flexp` on small synthetic data, read back from the MLflow store it wrote."""
 
 import mlflow.pytorch
+import pytest
 import torch
 import yaml
 from conftest import SMALL, mlflow_client, run_cli
@@ -71,6 +72,7 @@ def test_multirun_tags_every_job_with_one_sweep_id(store):
     proc = run_cli(["-m", *SMALL, "fl.rounds=2", "fl.clients=5,10", "fl.fraction=0.2,1.0"], store)
     assert proc.returncode == 0, proc.stderr
     _, runs = _only_run(store)
+    runs = [r for r in runs if r.data.tags.get("flexp.sweep_parent") != "true"]
     assert len(runs) == 4
     assert len({r.data.tags["flexp.sweep_id"] for r in runs}) == 1
     combos = {(r.data.params["fl.clients"], r.data.params["fl.fraction"]) for r in runs}
@@ -79,7 +81,8 @@ def test_multirun_tags_every_job_with_one_sweep_id(store):
     assert torch.tensor([r.data.metrics["clients"] for r in runs]).tolist().count(10) == 1
 
 
-def test_interrupted_run_ends_killed_and_keeps_the_rounds_it_logged(store):
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_interrupted_run_ends_killed_and_keeps_the_rounds_it_logged(store, signum):
     import os
     import signal
     import subprocess
@@ -92,7 +95,7 @@ def test_interrupted_run_ends_killed_and_keeps_the_rounds_it_logged(store):
     for line in proc.stdout:
         seen.append(line)
         if line.startswith("round 3/"):
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(getattr(signal, signum))
             break
     rest, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130
