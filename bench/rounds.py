@@ -31,7 +31,6 @@ from flexp.data import load_mnist_dataset
 from flexp.engine.threads import ThreadEngine
 from flexp.engine.vectorized import VectorizedEngine
 from flexp.fedavg import run_fedavg, sample_clients
-from flexp.flat import flat_parameters
 from flexp.models import build_model
 from flexp.partition import iid
 
@@ -210,8 +209,6 @@ def main() -> None:
             row = summarise(name, variant, rounds, args.warmup, samples, fps, roof, rss.peak)
             rows.append(row)
             print(f"  {name} {variant}: {row.round_s:.3f} s/round, acc {row.accuracy}", flush=True)
-        init_flat = flat_parameters(init)
-        del init_flat
     print_table(rows, roof)
     write_json(rows, roof, args)
 
