@@ -98,3 +98,13 @@ def test_parallel_joblib_jobs_share_one_sqlite_store_without_losing_anything(sto
         assert len(run.data.params) == expected_params
         for key in ("test_accuracy", "train_loss", "bytes_up", "round_seconds"):
             assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == list(range(1, 13)), key
+
+
+def test_report_by_experiment_plots_fedavg_against_a_centralized_baseline(store):
+    for args in (["fl.fraction=0.2"], ["fl.fraction=1.0"], ["mode=baseline", "baseline.epochs=3"]):
+        proc = run_cli([*SMALL, "tracking.log_model=false", "tracking.experiment=cmp", *args], store)
+        assert proc.returncode == 0, proc.stderr
+    out = report("cmp", store / "reports", f"sqlite:///{store / 'mlflow.db'}")
+    table = pd.read_csv(out / "table.csv")
+    assert len(table) == 2 and set(table["fl.fraction"]) == {0.2, 1.0}
+    assert (out / "baseline.png").stat().st_size > 0
