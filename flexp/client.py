@@ -12,11 +12,12 @@ from flexp.flat import Replica
 
 @dataclass(frozen=True)
 class LocalSpec:
-    """E, B (None: full local batch) and the learning rate."""
+    """E, B (None: full local batch), the learning rate, and FedProx's proximal weight mu (0: plain SGD)."""
 
     epochs: int
     batch_size: int | None
     lr: float
+    mu: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -50,11 +51,12 @@ def local_sgd(model: Replica, x: torch.Tensor, y: torch.Tensor, task: ClientTask
     n = len(task.indices)
     batch = spec.batch_size or n
     loss_sum = torch.zeros((), device=x.device)
+    anchor = [p.detach().clone() for p in model.params] if spec.mu else None
     for order in epoch_orders(task, spec.epochs).to(x.device):
         for start in range(0, n, batch):
             chosen = order[start:start + batch]
             loss = F.cross_entropy(model.module(x[chosen]), y[chosen])
-            model.sgd_step(loss, spec.lr)
+            model.sgd_step(loss, spec.lr, spec.mu, anchor)
             loss_sum += loss.detach() * len(chosen)
     mean_loss = float(loss_sum) / (n * spec.epochs)
     return ClientResult(task.client, model.flat(), n, mean_loss)

@@ -14,7 +14,7 @@ MODELS = ("2nn", "cnn", "logreg")
 PARTITIONS = ("iid", "shards", "dirichlet", "natural")
 ENGINES = ("auto", "threads", "vectorized")
 DEVICES = ("cpu", "cuda")
-STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "median", "trimmed_mean", "krum",
+STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "median", "trimmed_mean", "krum",
               "multikrum")
 
 
@@ -105,6 +105,7 @@ class StrategyConfig:
     """The server's aggregation rule and its hyperparameters."""
 
     name: str = "fedavg"
+    mu: float = 0.0
     server_lr: float = 1.0
     momentum: float = 0.9
     beta1: float = 0.9
@@ -289,6 +290,7 @@ def _strategy(tree: Mapping[str, Any]) -> StrategyConfig:
     s = _Section(tree, "strategy")
     return StrategyConfig(
         name=s.choice("name", STRATEGIES),
+        mu=s.number("mu", low=0.0, default=0.0),
         server_lr=s.number("server_lr", low=0.0, strict_low=True, default=1.0),
         momentum=s.number("momentum", low=0.0, high=1.0, default=0.9),
         beta1=s.number("beta1", low=0.0, high=1.0, default=0.9),

@@ -21,10 +21,13 @@ class Replica:
         """Copy a flat parameter vector into the model's own tensors."""
         load_flat(self.module, flat)
 
-    def sgd_step(self, loss: torch.Tensor, lr: float) -> None:
-        """w <- w - lr * dloss/dw for every parameter, without touching .grad."""
-        grads = torch.autograd.grad(loss, self.params)
+    def sgd_step(self, loss: torch.Tensor, lr: float, mu: float = 0.0,
+                 anchor: list[torch.Tensor] | None = None) -> None:
+        """w <- w - lr * (dloss/dw + mu (w - anchor)), the last term FedProx's proximal pull; .grad is untouched."""
+        grads = list(torch.autograd.grad(loss, self.params))
         with torch.no_grad():
+            if mu and anchor is not None:
+                torch._foreach_add_(grads, torch._foreach_sub(self.params, anchor), alpha=mu)
             torch._foreach_add_(self.params, grads, alpha=-lr)
 
     def flat(self) -> torch.Tensor:

@@ -97,7 +97,7 @@ def train(cfg: ExperimentConfig, ready: Prepared, on_record: Any) -> TrainingRes
     if cfg.mode == "baseline":
         return run_baseline(ready.model, ready.data.train, ready.data.test, cfg.baseline, cfg.seed,
                             cfg.fl.target_accuracy, on_record)
-    spec = LocalSpec(cfg.fl.local_epochs, cfg.fl.batch_size, cfg.fl.lr)
+    spec = LocalSpec(cfg.fl.local_epochs, cfg.fl.batch_size, cfg.fl.lr, cfg.strategy.mu)
 
     def make_model() -> nn.Module:
         return build_model(cfg.model.name, ready.data.input_shape, ready.data.num_classes, cfg.model.hidden)

@@ -30,8 +30,8 @@ def _unequal(parts: list[torch.Tensor]) -> list[torch.Tensor]:
     return [p[: len(p) - min(7 * k, len(p) // 2)] for k, p in enumerate(parts)]
 
 
-def _train(engine_cls, model_name, data, parts, fl: FLConfig, **kwargs):
-    spec = LocalSpec(fl.local_epochs, fl.batch_size, fl.lr)
+def _train(engine_cls, model_name, data, parts, fl: FLConfig, mu: float = 0.0, **kwargs):
+    spec = LocalSpec(fl.local_epochs, fl.batch_size, fl.lr, mu)
 
     def make():
         torch.manual_seed(0)
@@ -110,3 +110,20 @@ def test_auto_picks_vectorized_for_mlps_and_threads_for_the_cnn_on_cpu():
     engine = make_engine(EngineConfig(name="auto"), lambda: build_model("logreg", (60,), 10), split,
                          LocalSpec(1, 2, 0.1), cpu)
     assert isinstance(engine, VectorizedEngine)
+
+
+@pytest.mark.parametrize("model_name", ["2nn", "cnn", "logreg"])
+def test_fedprox_agrees_across_engines_and_pulls_clients_towards_the_global_model(mnist_small, model_name):
+    labels = mnist_small.train.y.numpy()
+    parts = _unequal(shards(labels, CLIENTS, 2, 1))
+    fl = FLConfig(clients=CLIENTS, fraction=0.5, local_epochs=2, batch_size=10, lr=0.05, rounds=1,
+                  eval_every=1, target_accuracy=None, stop_at_target=False)
+    plain = _train(ThreadEngine, model_name, mnist_small, parts, fl, workers=2)
+    same = _train(ThreadEngine, model_name, mnist_small, parts, fl, mu=0.0, workers=2)
+    prox = _train(ThreadEngine, model_name, mnist_small, parts, fl, mu=1.0, workers=2)
+    prox_vec = _train(VectorizedEngine, model_name, mnist_small, parts, fl, mu=1.0)
+    torch.manual_seed(0)
+    start = torch.nn.utils.parameters_to_vector(build_model(model_name, mnist_small.input_shape, 10).parameters())
+    assert torch.equal(plain, same)
+    assert (prox - start).norm() < (plain - start).norm()
+    assert (prox_vec - prox).abs().max() < 1e-5

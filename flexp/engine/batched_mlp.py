@@ -58,7 +58,8 @@ class BatchedMLP:
             parts += [w.transpose(1, 2).reshape(m, -1), b]
         return torch.cat(parts, dim=1)
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, lr: float) -> torch.Tensor:
+    def step(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, lr: float, mu: float = 0.0,
+             anchor: BatchedMLP | None = None) -> torch.Tensor:
         """SGD on each client's masked mean cross-entropy; x [m, B, in], y and mask [m, B]; returns losses [m]."""
         inputs, h = [], x
         last = len(self.weights) - 1
@@ -72,8 +73,15 @@ class BatchedMLP:
         scale = (mask / count.unsqueeze(1)).unsqueeze(-1)
         losses = -(log_probs.gather(-1, y.unsqueeze(-1)) * scale).sum((1, 2))
         grad = log_probs.exp_().scatter_add_(-1, y.unsqueeze(-1), -torch.ones_like(scale)).mul_(scale)
+        if mu and anchor is not None:  # FedProx: mu (w - anchor) at the pre-step weights, for clients with a batch
+            active = (mask.sum(1) > 0).to(mask.dtype) * mu
+            prox_w = [(w - a) * active.view(-1, 1, 1) for w, a in zip(self.weights, anchor.weights)]
+            prox_b = [(b - a) * active.view(-1, 1) for b, a in zip(self.biases, anchor.biases)]
         for i in range(last, -1, -1):
             grad_in = torch.bmm(grad, self.weights[i].transpose(1, 2)).mul_(inputs[i] > 0) if i > 0 else None
+            if mu and anchor is not None:
+                self.weights[i].sub_(prox_w[i], alpha=lr)
+                self.biases[i].sub_(prox_b[i], alpha=lr)
             self.weights[i].baddbmm_(inputs[i].transpose(1, 2), grad, alpha=-lr)
             self.biases[i].sub_(grad.sum(1), alpha=lr)
             grad = grad_in

@@ -73,9 +73,11 @@ class VectorizedEngine:
 
     def _train_mlp(self, global_params: torch.Tensor, plan: Lockstep, clients: int) -> tuple[torch.Tensor, ...]:
         net = BatchedMLP.from_flat(global_params, self.layers, clients)
+        anchor = BatchedMLP.from_flat(global_params, self.layers, clients) if self.spec.mu else None
         loss_sum = torch.zeros(clients, device=self.device, dtype=self.train.x.dtype)
         for idx, mask in zip(plan.indices, plan.mask):
-            loss_sum += net.step(self.flat_x[idx], self.train.y[idx], mask, self.spec.lr) * mask.sum(1)
+            losses = net.step(self.flat_x[idx], self.train.y[idx], mask, self.spec.lr, self.spec.mu, anchor)
+            loss_sum += losses * mask.sum(1)
         return net.flat(), loss_sum
 
     def _train_vmap(self, global_params: torch.Tensor, plan: Lockstep, clients: int) -> tuple[torch.Tensor, ...]:
@@ -85,10 +87,16 @@ class VectorizedEngine:
             params[name] = global_params[offset:offset + n].view(shape).expand(clients, *shape).clone()
             offset += n
         tensors = list(params.values())
+        anchor = [t.clone() for t in tensors] if self.spec.mu else None
         loss_sum = torch.zeros(clients, device=self.device, dtype=self.train.x.dtype)
         for idx, mask in zip(plan.indices, plan.mask):
             grads, losses = self.vmapped(params, self.train.x[idx], self.train.y[idx], mask)
-            torch._foreach_add_(tensors, [grads[name] for name in self.names], alpha=-self.spec.lr)
+            grads = [grads[name] for name in self.names]
+            if anchor is not None:  # FedProx: mu (w - anchor), only for clients that have a batch at this step
+                active = (mask.sum(1) > 0).to(mask.dtype) * self.spec.mu
+                pulls = torch._foreach_sub(tensors, anchor)
+                grads = [g + p * active.view(-1, *[1] * (p.dim() - 1)) for g, p in zip(grads, pulls)]
+            torch._foreach_add_(tensors, grads, alpha=-self.spec.lr)
             loss_sum += losses * mask.sum(1)
         return torch.cat([p.reshape(clients, -1) for p in tensors], dim=1), loss_sum
 

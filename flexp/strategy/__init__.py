@@ -25,7 +25,7 @@ def make_strategy(cfg: StrategyConfig) -> Strategy:
     """The configured strategy."""
     from flexp.strategy import fedavg, fedavgm, fedopt, krum, median, trimmed_mean
 
-    if cfg.name == "fedavg":
+    if cfg.name in ("fedavg", "fedprox"):  # FedProx changes the clients (LocalSpec.mu), not the server
         return fedavg.FedAvg()
     if cfg.name == "fedavgm":
         return fedavgm.FedAvgM(cfg.server_lr, cfg.momentum)
