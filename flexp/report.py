@@ -261,8 +261,10 @@ def report(key: str, out_root: Path = Path("outputs/reports"), tracking_uri: str
     text = markdown(frame, varying, target)
     layout = paper_layout(frame, varying, reference)
     if layout:
+        has_paper = any(v not in ("", None) for v in frame["paper"])
         text = (f"Rounds to {target:g} (paper's interpolation; speedup against {', '.join(reference)} = "
-                f"{', '.join(str(v) for v in reference.values())}; [paper]):\n\n{layout}\nAll runs:\n\n{text}")
+                f"{', '.join(str(v) for v in reference.values())}"
+                f"{'; [the paper]' if has_paper else ''}):\n\n{layout}\nAll runs:\n\n{text}")
     (out / "table.md").write_text(f"# {key}\n\n{text}")
     frame.to_csv(out / "table.csv", index=False)
     paths = [out / "table.md", out / "table.csv", *plot(frame, varying, accs, traffic, baseline, out)]
