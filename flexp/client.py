@@ -27,6 +27,10 @@ class ClientTask:
     client: int
     indices: torch.Tensor
     seed: int
+    epochs: int | None = None  # a straggler's own E; None: the configured E
+
+    def local_epochs(self, spec: LocalSpec) -> int:
+        return self.epochs or spec.epochs
 
 
 @dataclass(frozen=True)
@@ -52,11 +56,12 @@ def local_sgd(model: Replica, x: torch.Tensor, y: torch.Tensor, task: ClientTask
     batch = spec.batch_size or n
     loss_sum = torch.zeros((), device=x.device)
     anchor = [p.detach().clone() for p in model.params] if spec.mu else None
-    for order in epoch_orders(task, spec.epochs).to(x.device):
+    epochs = task.local_epochs(spec)
+    for order in epoch_orders(task, epochs).to(x.device):
         for start in range(0, n, batch):
             chosen = order[start:start + batch]
             loss = F.cross_entropy(model.module(x[chosen]), y[chosen])
             model.sgd_step(loss, spec.lr, spec.mu, anchor)
             loss_sum += loss.detach() * len(chosen)
-    mean_loss = float(loss_sum) / (n * spec.epochs)
+    mean_loss = float(loss_sum) / (n * epochs)
     return ClientResult(task.client, model.flat(), n, mean_loss)

@@ -117,6 +117,14 @@ class StrategyConfig:
 
 
 @dataclass(frozen=True)
+class ClientsConfig:
+    """Systems heterogeneity: sampled clients that never return, and stragglers doing fewer local epochs."""
+
+    dropout: float = 0.0
+    stragglers: float = 0.0
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     """Where runs are logged."""
 
@@ -139,6 +147,7 @@ class ExperimentConfig:
     engine: EngineConfig
     tracking: TrackingConfig
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    clients: ClientsConfig = field(default_factory=ClientsConfig)
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -303,7 +312,8 @@ def _strategy(tree: Mapping[str, Any]) -> StrategyConfig:
 
 
 SECTIONS = {"fl": FLConfig, "baseline": BaselineConfig, "dataset": DatasetConfig, "partition": PartitionConfig,
-            "model": ModelConfig, "engine": EngineConfig, "tracking": TrackingConfig, "strategy": StrategyConfig}
+            "model": ModelConfig, "engine": EngineConfig, "tracking": TrackingConfig, "strategy": StrategyConfig,
+            "clients": ClientsConfig}
 TOP_LEVEL = ("mode", "seed", "report", *SECTIONS)
 
 
@@ -326,6 +336,14 @@ def _check_keys(tree: Mapping[str, Any]) -> None:
                 check_key(f"{key}.{sub}")
 
 
+def _clients(tree: Mapping[str, Any]) -> ClientsConfig:
+    if "clients" not in tree:
+        return ClientsConfig()
+    s = _Section(tree, "clients")
+    return ClientsConfig(dropout=s.number("dropout", low=0.0, high=1.0, default=0.0),
+                         stragglers=s.number("stragglers", low=0.0, high=1.0, default=0.0))
+
+
 def parse_config(tree: Mapping[str, Any]) -> ExperimentConfig:
     """Validate a resolved config mapping into an ExperimentConfig, or raise ConfigError naming the bad key."""
     _check_keys(tree)
@@ -341,5 +359,6 @@ def parse_config(tree: Mapping[str, Any]) -> ExperimentConfig:
         engine=_engine(tree),
         tracking=_tracking(tree),
         strategy=_strategy(tree),
+        clients=_clients(tree),
         raw=tree,
     )

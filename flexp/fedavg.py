@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -12,12 +13,14 @@ import torch
 from torch import nn
 
 from flexp.client import ClientResult, ClientTask
-from flexp.config import FLConfig
+from flexp.config import ClientsConfig, FLConfig
 from flexp.data import Split
 from flexp.flat import flat_parameters, load_flat
 from flexp.metrics import evaluate, rounds_to_target
 from flexp.strategy import Strategy
 from flexp.strategy.fedavg import FedAvg
+
+log = logging.getLogger("flexp")
 
 
 class Engine(Protocol):
@@ -38,11 +41,14 @@ class RoundRecord:
     bytes_down: int
     test_accuracy: float | None = None
     test_loss: float | None = None
+    dropped: int = 0
+    stragglers: int = 0
 
     def metrics(self) -> dict[str, float]:
         """The record as a metric dict (test metrics only on evaluated rounds)."""
         out = {"train_loss": self.train_loss, "round_seconds": self.round_seconds, "clients": self.clients,
-               "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
+               "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "dropped": self.dropped,
+               "stragglers": self.stragglers}
         if self.test_accuracy is not None:
             out.update(test_accuracy=self.test_accuracy, test_loss=self.test_loss)
         return out
@@ -77,6 +83,17 @@ def sample_clients(num_clients: int, per_round: int, seed: int, round_: int) -> 
     return sorted(rng.choice(num_clients, size=per_round, replace=False).tolist())
 
 
+def heterogeneity(chosen: Sequence[int], dropout: float, stragglers: float, epochs: int, seed: int,
+                  round_: int) -> tuple[list[int], dict[int, int]]:
+    """(clients that return, {straggler: its 1..E local epochs}) for a round, drawn from (seed, round) alone."""
+    rng = np.random.default_rng([seed, round_, 1])
+    dropped = rng.random(len(chosen)) < dropout
+    slow = rng.random(len(chosen)) < stragglers
+    slow_epochs = rng.integers(1, epochs + 1, len(chosen))
+    returned = [c for c, d in zip(chosen, dropped) if not d]
+    return returned, {c: int(e) for c, s, e, d in zip(chosen, slow, slow_epochs, dropped) if s and not d}
+
+
 def client_seed(seed: int, round_: int, client: int) -> int:
     """Seed of one client's batch order in one round, independent of threads and sampling order."""
     return int(np.random.SeedSequence([seed, round_, client]).generate_state(1, dtype=np.uint64)[0] >> 1)
@@ -84,24 +101,30 @@ def client_seed(seed: int, round_: int, client: int) -> int:
 
 def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split, fl: FLConfig, engine: Engine,
                seed: int, on_round: Callable[[RoundRecord], None] = lambda r: None,
-               strategy: Strategy | None = None) -> TrainingResult:
+               strategy: Strategy | None = None, clients: ClientsConfig | None = None) -> TrainingResult:
     """Run FedAvg (or another server `strategy`) from `model`'s weights; `model` ends holding the final ones."""
     strategy = strategy or FedAvg()
+    clients = clients or ClientsConfig()
     global_params = flat_parameters(model)
     model_bytes = global_params.numel() * global_params.element_size()
     result = TrainingResult(global_params, target=fl.target_accuracy)
     for round_ in range(1, fl.rounds + 1):
         start = time.perf_counter()
         chosen = sample_clients(len(partition), fl.clients_per_round, seed, round_)
-        tasks = [ClientTask(c, partition[c], client_seed(seed, round_, c)) for c in chosen]
-        updates = engine.run_round(global_params, tasks)
-        global_params = strategy.aggregate(global_params, [u.params for u in updates],
-                                           [u.num_samples for u in updates])
+        returned, slow = heterogeneity(chosen, clients.dropout, clients.stragglers, fl.local_epochs, seed, round_)
+        tasks = [ClientTask(c, partition[c], client_seed(seed, round_, c), slow.get(c)) for c in returned]
+        updates = engine.run_round(global_params, tasks) if tasks else []
+        if updates:
+            global_params = strategy.aggregate(global_params, [u.params for u in updates],
+                                               [u.num_samples for u in updates])
+        else:
+            log.warning("round %d: every sampled client dropped out; the global model is unchanged", round_)
         n_total = sum(u.num_samples for u in updates)
         record = RoundRecord(
             round=round_, clients=len(updates),
-            train_loss=sum(u.loss * u.num_samples for u in updates) / n_total,
-            round_seconds=0.0, bytes_up=len(updates) * model_bytes, bytes_down=len(tasks) * model_bytes)
+            train_loss=sum(u.loss * u.num_samples for u in updates) / n_total if updates else float("nan"),
+            round_seconds=0.0, bytes_up=len(updates) * model_bytes, bytes_down=len(chosen) * model_bytes,
+            dropped=len(chosen) - len(returned), stragglers=len(slow))
         if round_ % fl.eval_every == 0 or round_ == fl.rounds:
             accuracy, loss = evaluate(load_flat(model, global_params), test)
             record = replace(record, test_accuracy=accuracy, test_loss=loss)

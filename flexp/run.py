@@ -105,7 +105,7 @@ def train(cfg: ExperimentConfig, ready: Prepared, on_record: Any) -> TrainingRes
     engine = make_engine(cfg.engine, make_model, ready.data.train, spec, ready.device)
     try:
         return run_fedavg(ready.model, ready.partition, ready.data.test, cfg.fl, engine, cfg.seed, on_record,
-                          make_strategy(cfg.strategy))
+                          make_strategy(cfg.strategy), cfg.clients)
     finally:
         engine.close()
 

@@ -34,12 +34,13 @@ def lockstep_plan(tasks: Sequence[ClientTask], spec: LocalSpec) -> Lockstep:
     batch = spec.batch_size or max(len(t.indices) for t in tasks)
     per_client = []
     for task in tasks:
-        orders = epoch_orders(task, spec.epochs)
+        epochs = task.local_epochs(spec)
+        orders = epoch_orders(task, epochs)
         n = orders.shape[1]
         steps = math.ceil(n / batch)
-        padded = torch.full((spec.epochs, steps * batch), -1, dtype=torch.int64)
+        padded = torch.full((epochs, steps * batch), -1, dtype=torch.int64)
         padded[:, :n] = orders
-        per_client.append(padded.reshape(spec.epochs * steps, batch))
+        per_client.append(padded.reshape(epochs * steps, batch))
     total = max(len(p) for p in per_client)
     grid = torch.full((total, len(tasks), batch), -1, dtype=torch.int64)
     for k, steps in enumerate(per_client):
@@ -107,7 +108,8 @@ class VectorizedEngine:
         with torch.no_grad() if self.layers else nullcontext():
             flat, loss_sum = train(global_params, plan, len(tasks))
         sizes = [len(task.indices) for task in tasks]
-        mean_loss = (loss_sum.cpu() / (torch.tensor(sizes) * self.spec.epochs)).tolist()
+        epochs = torch.tensor([task.local_epochs(self.spec) for task in tasks])
+        mean_loss = (loss_sum.cpu() / (torch.tensor(sizes) * epochs)).tolist()
         return [ClientResult(task.client, flat[k].clone(), sizes[k], mean_loss[k]) for k, task in enumerate(tasks)]
 
     def run_round(self, global_params: torch.Tensor, tasks: Sequence[ClientTask]) -> list[ClientResult]:
