@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -79,7 +79,7 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
     data = load_dataset(cfg.dataset, log=log.info)
     parts = make_partition(cfg, data) if cfg.mode == "federated" else []
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model.name, data.input_shape, data.num_classes, cfg.model.hidden).to(device)
+    model = new_model(cfg, data).to(device)
     return Prepared(data.to(device), parts, model, device)
 
 
@@ -92,17 +92,18 @@ def run_name(cfg: ExperimentConfig) -> str:
             f"-K{fl.clients}-C{fl.fraction:g}-E{fl.local_epochs}-B{fl.batch_size or 'inf'}")
 
 
-def train(cfg: ExperimentConfig, ready: Prepared, on_record: Any) -> TrainingResult:
+def new_model(cfg: ExperimentConfig, data: Dataset) -> nn.Module:
+    """A freshly initialised model of the configured kind for `data`."""
+    return build_model(cfg.model.name, data.input_shape, data.num_classes, cfg.model.hidden)
+
+
+def train(cfg: ExperimentConfig, ready: Prepared, on_record: Callable[[RoundRecord], None]) -> TrainingResult:
     """Run FedAvg or the baseline on prepared inputs."""
     if cfg.mode == "baseline":
         return run_baseline(ready.model, ready.data.train, ready.data.test, cfg.baseline, cfg.seed,
                             cfg.fl.target_accuracy, on_record)
     spec = LocalSpec(cfg.fl.local_epochs, cfg.fl.batch_size, cfg.fl.lr, cfg.strategy.mu)
-
-    def make_model() -> nn.Module:
-        return build_model(cfg.model.name, ready.data.input_shape, ready.data.num_classes, cfg.model.hidden)
-
-    engine = make_engine(cfg.engine, make_model, ready.data.train, spec, ready.device)
+    engine = make_engine(cfg.engine, lambda: new_model(cfg, ready.data), ready.data.train, spec, ready.device)
     try:
         return run_fedavg(ready.model, ready.partition, ready.data.test, cfg.fl, engine, cfg.seed, on_record,
                           make_strategy(cfg.strategy), cfg.clients)
@@ -134,8 +135,7 @@ def execute(cfg: ExperimentConfig, tracker: Tracker, tags: Mapping[str, str], co
         summary = result.summary()
         tracker.log_metrics(summary)
         if cfg.tracking.log_model:
-            final = build_model(cfg.model.name, ready.data.input_shape, ready.data.num_classes, cfg.model.hidden)
-            tracker.log_model(load_flat(final, result.params.cpu()))
+            tracker.log_model(load_flat(new_model(cfg, ready.data), result.params.cpu()))
         log.info("done: %s", "  ".join(f"{k} {v:.4g}" for k, v in summary.items()))
         status = "FINISHED"
         return result

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from flexp.aggregate import weighted_average
+from flexp.aggregate import fedavg
 
 
 class FedAvg:
@@ -14,4 +14,4 @@ class FedAvg:
 
     def aggregate(self, global_params: torch.Tensor, params: Sequence[torch.Tensor],
                   num_samples: Sequence[int]) -> torch.Tensor:
-        return weighted_average(params, num_samples)
+        return fedavg(params, num_samples)
