@@ -74,18 +74,22 @@ def main(cfg: DictConfig) -> float | None:
         config = parse_config(tree)
     except (ConfigError, OmegaConfBaseException) as err:
         fail(str(err).splitlines()[0])
+    from flexp.writer import TrackingError, TrackingWriter
+
+    tracker = TrackingWriter(config.tracking)
     from flexp.data.mnist import DataSourceError
     from flexp.run import execute
-    from flexp.tracking import MlflowTracker
 
     try:
-        result = execute(config, MlflowTracker(config.tracking), sweep_tags(), OmegaConf.to_yaml(cfg))
-    except ConfigError as err:
+        result = execute(config, tracker, sweep_tags(), OmegaConf.to_yaml(cfg))
+    except (ConfigError, TrackingError) as err:
         fail(str(err))
     except DataSourceError as err:
         fail(" | ".join(str(err).splitlines()), code=1)
     except KeyboardInterrupt:
         fail("interrupted: the MLflow run is marked KILLED and keeps the rounds logged so far", code=130)
+    finally:
+        tracker.close()
     return result.summary().get("best_test_accuracy")
 
 

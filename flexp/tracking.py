@@ -9,11 +9,12 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
-
-from torch import nn
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from flexp.config import TrackingConfig
+
+if TYPE_CHECKING:
+    from torch import nn
 
 log = logging.getLogger(__name__)
 PARAM_LIMIT = 6000
@@ -91,13 +92,25 @@ class MlflowTracker:
     def __init__(self, cfg: TrackingConfig) -> None:
         self.cfg = cfg
         self.run_id: str | None = None
+        self.experiment_id: str | None = None
 
-    def start(self, run_name: str, tags: Mapping[str, str]) -> str:
-        """Open the store (creating it if needed) and start the run; return its id."""
+    def warm_up(self) -> None:
+        """Import MLflow and open the store ahead of `start`; a failure here is raised again by `start`."""
+        try:
+            _, self.experiment_id = open_experiment(self.cfg.uri, self.cfg.experiment)
+        except Exception:
+            self.experiment_id = None
+
+    def start(self, run_name: str, tags: Mapping[str, str], run_id: str | None = None) -> str:
+        """Open the store (creating it if needed) and start the run, or reopen `run_id`; return its id."""
         import mlflow
 
-        _, experiment_id = open_experiment(self.cfg.uri, self.cfg.experiment)
-        run = retrying(mlflow.start_run)(experiment_id=experiment_id, run_name=run_name, tags=dict(tags))
+        if self.experiment_id is None:
+            _, self.experiment_id = open_experiment(self.cfg.uri, self.cfg.experiment)
+        if run_id is not None:
+            run = retrying(mlflow.start_run)(run_id=run_id)
+        else:
+            run = retrying(mlflow.start_run)(experiment_id=self.experiment_id, run_name=run_name, tags=dict(tags))
         self.run_id = run.info.run_id
         return self.run_id
 
