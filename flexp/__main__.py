@@ -63,7 +63,7 @@ def with_sweeps_on_search_path(argv: list[str]) -> list[str]:
     """Add sweeps/ to Hydra's config search path (so `+sweep=table1` resolves) unless the user set one."""
     if any(a.lstrip("+").startswith("hydra.searchpath=") for a in argv):
         return argv
-    return [*argv, f"hydra.searchpath=[file://{SWEEPS_DIR}]"]
+    return [f"hydra.searchpath=[file://{SWEEPS_DIR}]", *argv]  # first: options like --cfg may follow overrides
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

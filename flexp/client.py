@@ -28,6 +28,8 @@ class ClientTask:
     indices: torch.Tensor
     seed: int
     epochs: int | None = None  # a straggler's own E; None: the configured E
+    correction: torch.Tensor | None = None  # SCAFFOLD's c - c_i, added to every local gradient
+    label_map: torch.Tensor | None = None  # a label-flipping attacker trains on label_map[y]
 
     def local_epochs(self, spec: LocalSpec) -> int:
         return self.epochs or spec.epochs
@@ -41,6 +43,7 @@ class ClientResult:
     params: torch.Tensor
     num_samples: int
     loss: float
+    steps: int = 0  # local SGD steps taken (SCAFFOLD's K)
 
 
 def epoch_orders(task: ClientTask, epochs: int) -> torch.Tensor:
@@ -50,18 +53,26 @@ def epoch_orders(task: ClientTask, epochs: int) -> torch.Tensor:
     return torch.stack([task.indices[torch.randperm(n, generator=generator)] for _ in range(epochs)])
 
 
+def local_steps(n: int, batch_size: int | None, epochs: int) -> int:
+    """SGD steps of E epochs over n samples in batches of B (the last one partial)."""
+    return epochs * -(-n // (batch_size or n))
+
+
 def local_sgd(model: Replica, x: torch.Tensor, y: torch.Tensor, task: ClientTask, spec: LocalSpec) -> ClientResult:
     """Train `model` (already holding the global weights) on the task's samples; return its weights and loss."""
     n = len(task.indices)
     batch = spec.batch_size or n
     loss_sum = torch.zeros((), device=x.device)
     anchor = [p.detach().clone() for p in model.params] if spec.mu else None
+    correction = model.split(task.correction.to(x.device)) if task.correction is not None else None
+    label_map = task.label_map.to(x.device) if task.label_map is not None else None
     epochs = task.local_epochs(spec)
     for order in epoch_orders(task, epochs).to(x.device):
         for start in range(0, n, batch):
             chosen = order[start:start + batch]
-            loss = F.cross_entropy(model.module(x[chosen]), y[chosen])
-            model.sgd_step(loss, spec.lr, spec.mu, anchor)
+            labels = y[chosen] if label_map is None else label_map[y[chosen]]
+            loss = F.cross_entropy(model.module(x[chosen]), labels)
+            model.sgd_step(loss, spec.lr, spec.mu, anchor, correction)
             loss_sum += loss.detach() * len(chosen)
     mean_loss = float(loss_sum) / (n * epochs)
-    return ClientResult(task.client, model.flat(), n, mean_loss)
+    return ClientResult(task.client, model.flat(), n, mean_loss, local_steps(n, spec.batch_size, epochs))

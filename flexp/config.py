@@ -14,8 +14,10 @@ MODELS = ("2nn", "cnn", "logreg")
 PARTITIONS = ("iid", "shards", "dirichlet", "natural")
 ENGINES = ("auto", "threads", "vectorized")
 DEVICES = ("cpu", "cuda")
-STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "median", "trimmed_mean", "krum",
-              "multikrum")
+STRATEGIES = ("fedavg", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "median",
+              "trimmed_mean", "krum", "multikrum")
+ATTACKS = ("none", "sign_flip", "gaussian", "label_flip")
+ARRIVALS = ("none", "linear", "step")
 
 
 class ConfigError(ValueError):
@@ -134,6 +136,25 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class AttackConfig:
+    """Byzantine clients: which attack, the fraction of clients that are malicious, and its scale."""
+
+    name: str = "none"
+    fraction: float = 0.0
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Clients obtaining new data: the arrival schedule and its shape."""
+
+    arrival: str = "none"
+    arrival_start: float = 0.1
+    arrival_full_at: int = 10
+    arrival_every: int = 1
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """The whole validated experiment."""
 
@@ -148,6 +169,8 @@ class ExperimentConfig:
     tracking: TrackingConfig
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     clients: ClientsConfig = field(default_factory=ClientsConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -313,7 +336,7 @@ def _strategy(tree: Mapping[str, Any]) -> StrategyConfig:
 
 SECTIONS = {"fl": FLConfig, "baseline": BaselineConfig, "dataset": DatasetConfig, "partition": PartitionConfig,
             "model": ModelConfig, "engine": EngineConfig, "tracking": TrackingConfig, "strategy": StrategyConfig,
-            "clients": ClientsConfig}
+            "clients": ClientsConfig, "attack": AttackConfig, "data": DataConfig}
 TOP_LEVEL = ("mode", "seed", "report", *SECTIONS)
 
 
@@ -344,6 +367,25 @@ def _clients(tree: Mapping[str, Any]) -> ClientsConfig:
                          stragglers=s.number("stragglers", low=0.0, high=1.0, default=0.0))
 
 
+def _attack(tree: Mapping[str, Any]) -> AttackConfig:
+    if "attack" not in tree:
+        return AttackConfig()
+    s = _Section(tree, "attack")
+    return AttackConfig(name=s.choice("name", ATTACKS, default="none"),
+                        fraction=s.number("fraction", low=0.0, high=1.0, default=0.0),
+                        scale=s.number("scale", low=0.0, default=1.0))
+
+
+def _data(tree: Mapping[str, Any]) -> DataConfig:
+    if "data" not in tree:
+        return DataConfig()
+    s = _Section(tree, "data")
+    return DataConfig(arrival=s.choice("arrival", ARRIVALS, default="none"),
+                      arrival_start=s.number("arrival_start", low=0.0, high=1.0, strict_low=True, default=0.1),
+                      arrival_full_at=s.integer("arrival_full_at", low=1, default=10),
+                      arrival_every=s.integer("arrival_every", low=1, default=1))
+
+
 def parse_config(tree: Mapping[str, Any]) -> ExperimentConfig:
     """Validate a resolved config mapping into an ExperimentConfig, or raise ConfigError naming the bad key."""
     _check_keys(tree)
@@ -360,5 +402,7 @@ def parse_config(tree: Mapping[str, Any]) -> ExperimentConfig:
         tracking=_tracking(tree),
         strategy=_strategy(tree),
         clients=_clients(tree),
+        attack=_attack(tree),
+        data=_data(tree),
         raw=tree,
     )

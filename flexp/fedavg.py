@@ -12,13 +12,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from flexp import attack as attacks
+from flexp.arrival import held, held_fraction
 from flexp.client import ClientResult, ClientTask
-from flexp.config import ClientsConfig, FLConfig
+from flexp.config import AttackConfig, ClientsConfig, DataConfig, FLConfig
 from flexp.data import Split
 from flexp.flat import flat_parameters, load_flat
 from flexp.metrics import evaluate, rounds_to_target
 from flexp.strategy import Strategy
 from flexp.strategy.fedavg import FedAvg
+from flexp.strategy.scaffold import Scaffold
 
 log = logging.getLogger("flexp")
 
@@ -43,12 +46,14 @@ class RoundRecord:
     test_loss: float | None = None
     dropped: int = 0
     stragglers: int = 0
+    malicious: int = 0
+    samples: int = 0
 
     def metrics(self) -> dict[str, float]:
         """The record as a metric dict (test metrics only on evaluated rounds)."""
         out = {"train_loss": self.train_loss, "round_seconds": self.round_seconds, "clients": self.clients,
                "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "dropped": self.dropped,
-               "stragglers": self.stragglers}
+               "stragglers": self.stragglers, "malicious": self.malicious, "samples": self.samples}
         if self.test_accuracy is not None:
             out.update(test_accuracy=self.test_accuracy, test_loss=self.test_loss)
         return out
@@ -99,32 +104,66 @@ def client_seed(seed: int, round_: int, client: int) -> int:
     return int(np.random.SeedSequence([seed, round_, client]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+@dataclass(frozen=True)
+class Conditions:
+    """What the clients are like: heterogeneity, attackers, and how their data arrives."""
+
+    clients: ClientsConfig = field(default_factory=ClientsConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def round_tasks(partition: Sequence[torch.Tensor], returned: Sequence[int], slow: dict[int, int], seed: int,
+                round_: int, data: DataConfig, scaffold: Scaffold | None, global_params: torch.Tensor,
+                flip: torch.Tensor | None, malicious: frozenset[int]) -> list[ClientTask]:
+    """The returning clients' tasks: the data they hold this round, their epochs, corrections and label maps."""
+    fraction = held_fraction(data.arrival, round_, data.arrival_start, data.arrival_full_at, data.arrival_every)
+    return [ClientTask(c, held(partition[c], fraction), client_seed(seed, round_, c), slow.get(c),
+                       scaffold.correction(c, global_params) if scaffold else None,
+                       flip if flip is not None and c in malicious else None) for c in returned]
+
+
 def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split, fl: FLConfig, engine: Engine,
                seed: int, on_round: Callable[[RoundRecord], None] = lambda r: None,
-               strategy: Strategy | None = None, clients: ClientsConfig | None = None) -> TrainingResult:
+               strategy: Strategy | Scaffold | None = None, conditions: Conditions | None = None) -> TrainingResult:
     """Run FedAvg (or another server `strategy`) from `model`'s weights; `model` ends holding the final ones."""
     strategy = strategy or FedAvg()
-    clients = clients or ClientsConfig()
+    cond = conditions or Conditions()
+    scaffold = strategy if isinstance(strategy, Scaffold) else None
+    attack = cond.attack
+    malicious = frozenset() if attack.name == "none" else attacks.malicious_clients(len(partition), attack.fraction,
+                                                                                     seed)
+    flip = None
+    if attack.name == "label_flip":
+        with torch.no_grad():
+            flip = attacks.flipped_labels(model(test.x[:1]).shape[-1])
     global_params = flat_parameters(model)
-    model_bytes = global_params.numel() * global_params.element_size()
+    model_bytes = global_params.numel() * global_params.element_size() * (2 if scaffold else 1)
     result = TrainingResult(global_params, target=fl.target_accuracy)
     for round_ in range(1, fl.rounds + 1):
         start = time.perf_counter()
         chosen = sample_clients(len(partition), fl.clients_per_round, seed, round_)
-        returned, slow = heterogeneity(chosen, clients.dropout, clients.stragglers, fl.local_epochs, seed, round_)
-        tasks = [ClientTask(c, partition[c], client_seed(seed, round_, c), slow.get(c)) for c in returned]
+        returned, slow = heterogeneity(chosen, cond.clients.dropout, cond.clients.stragglers, fl.local_epochs, seed,
+                                       round_)
+        tasks = round_tasks(partition, returned, slow, seed, round_, cond.data, scaffold, global_params, flip,
+                            malicious)
         updates = engine.run_round(global_params, tasks) if tasks else []
-        if updates:
+        updates = [replace(u, params=attacks.poison(attack.name, global_params, u.params, attack.scale, seed, round_,
+                                                    u.client)) if u.client in malicious else u for u in updates]
+        if not updates:
+            log.warning("round %d: every sampled client dropped out; the global model is unchanged", round_)
+        elif scaffold is not None:
+            global_params = scaffold.aggregate_results(global_params, updates)
+        else:
             global_params = strategy.aggregate(global_params, [u.params for u in updates],
                                                [u.num_samples for u in updates])
-        else:
-            log.warning("round %d: every sampled client dropped out; the global model is unchanged", round_)
         n_total = sum(u.num_samples for u in updates)
         record = RoundRecord(
             round=round_, clients=len(updates),
             train_loss=sum(u.loss * u.num_samples for u in updates) / n_total if updates else float("nan"),
             round_seconds=0.0, bytes_up=len(updates) * model_bytes, bytes_down=len(chosen) * model_bytes,
-            dropped=len(chosen) - len(returned), stragglers=len(slow))
+            dropped=len(chosen) - len(returned), stragglers=len(slow),
+            malicious=sum(u.client in malicious for u in updates), samples=n_total)
         if round_ % fl.eval_every == 0 or round_ == fl.rounds:
             accuracy, loss = evaluate(load_flat(model, global_params), test)
             record = replace(record, test_accuracy=accuracy, test_loss=loss)

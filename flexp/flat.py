@@ -21,14 +21,20 @@ class Replica:
         """Copy a flat parameter vector into the model's own tensors."""
         load_flat(self.module, flat)
 
-    def sgd_step(self, loss: torch.Tensor, lr: float, mu: float = 0.0,
-                 anchor: list[torch.Tensor] | None = None) -> None:
-        """w <- w - lr * (dloss/dw + mu (w - anchor)), the last term FedProx's proximal pull; .grad is untouched."""
+    def sgd_step(self, loss: torch.Tensor, lr: float, mu: float = 0.0, anchor: list[torch.Tensor] | None = None,
+                 correction: list[torch.Tensor] | None = None) -> None:
+        """w <- w - lr * (dloss/dw + mu (w - anchor) + correction): FedProx's pull and SCAFFOLD's c - c_i."""
         grads = list(torch.autograd.grad(loss, self.params))
         with torch.no_grad():
             if mu and anchor is not None:
                 torch._foreach_add_(grads, torch._foreach_sub(self.params, anchor), alpha=mu)
+            if correction is not None:
+                torch._foreach_add_(grads, correction)
             torch._foreach_add_(self.params, grads, alpha=-lr)
+
+    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Views of a flat vector shaped like each parameter."""
+        return [part.view(p.shape) for part, p in zip(flat.split([p.numel() for p in self.params]), self.params)]
 
     def flat(self) -> torch.Tensor:
         """The current parameters as a new flat vector in PyTorch's order."""

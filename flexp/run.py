@@ -16,7 +16,7 @@ from flexp.client import LocalSpec
 from flexp.config import ConfigError, ExperimentConfig
 from flexp.data import Dataset, load_dataset
 from flexp.engine import make_engine
-from flexp.fedavg import RoundRecord, TrainingResult, run_fedavg
+from flexp.fedavg import Conditions, RoundRecord, TrainingResult, run_fedavg
 from flexp.flat import load_flat
 from flexp.models import build_model, count_parameters
 from flexp.progress import Progress
@@ -105,8 +105,9 @@ def train(cfg: ExperimentConfig, ready: Prepared, on_record: Callable[[RoundReco
     spec = LocalSpec(cfg.fl.local_epochs, cfg.fl.batch_size, cfg.fl.lr, cfg.strategy.mu)
     engine = make_engine(cfg.engine, lambda: new_model(cfg, ready.data), ready.data.train, spec, ready.device)
     try:
+        strategy = make_strategy(cfg.strategy, cfg.fl.clients, cfg.fl.lr)
         return run_fedavg(ready.model, ready.partition, ready.data.test, cfg.fl, engine, cfg.seed, on_record,
-                          make_strategy(cfg.strategy), cfg.clients)
+                          strategy, Conditions(cfg.clients, cfg.attack, cfg.data))
     finally:
         engine.close()
 

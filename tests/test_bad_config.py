@@ -26,6 +26,10 @@ CASES = [
     (["+learning_rate=0.1"], "learning_rate"),
     (["strategy=fedsgd"], "strategy"),
     (["strategy=trimmed_mean", "strategy.trim=0.7"], "strategy.trim"),
+    (["attack.name=poison"], "attack.name"),
+    (["attack.fraction=1.2"], "attack.fraction"),
+    (["data.arrival=sometimes"], "data.arrival"),
+    (["data.arrival_start=0"], "data.arrival_start"),
 ]
 
 

@@ -4,6 +4,7 @@ import mlflow.pytorch
 import pytest
 import torch
 import yaml
+from omegaconf import OmegaConf
 from conftest import SMALL, mlflow_client, run_cli
 
 from flexp.config import DatasetConfig
@@ -104,3 +105,28 @@ def test_interrupted_run_ends_killed_and_keeps_the_rounds_it_logged(store, signu
     assert runs[0].info.status == "KILLED", "".join(seen)
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "test_accuracy")]
     assert steps[:3] == [1, 2, 3] and steps == list(range(1, len(steps) + 1))
+
+
+def test_scaffold_with_attackers_and_arriving_data_logs_them_per_round(store):
+    proc = run_cli([*SMALL, "strategy=scaffold", "fl.fraction=0.5", "attack.name=sign_flip", "attack.fraction=0.3",
+                    "data.arrival=linear", "data.arrival_start=0.5", "data.arrival_full_at=3"], store)
+    assert proc.returncode == 0, proc.stderr
+    client, (run,) = _only_run(store)
+    assert run.data.params["strategy.name"] == "scaffold" and run.data.params["attack.name"] == "sign_flip"
+    samples = [m.value for m in client.get_metric_history(run.info.run_id, "samples")]
+    malicious = [m.value for m in client.get_metric_history(run.info.run_id, "malicious")]
+    assert len(samples) == 3 and samples[0] < samples[2] and sum(malicious) > 0
+
+
+@pytest.mark.parametrize("preset, strategy, attack", [("mnist_noniid_fedprox", "fedprox", "none"),
+                                                      ("mnist_noniid_scaffold", "scaffold", "none"),
+                                                      ("mnist_byzantine", "median", "sign_flip")])
+def test_strategy_presets_compose(preset, strategy, attack):
+    from hydra import compose, initialize_config_dir
+
+    from flexp.__main__ import CONF_DIR
+    from flexp.config import parse_config
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = parse_config(OmegaConf.to_container(compose("config", [f"+experiment={preset}"]), resolve=True))
+    assert (cfg.strategy.name, cfg.attack.name, cfg.dataset.name) == (strategy, attack, "mnist")

@@ -7,7 +7,7 @@ from flexp.config import ClientsConfig, DatasetConfig, FLConfig
 from flexp.data import load_dataset
 from flexp.engine.threads import ThreadEngine
 from flexp.engine.vectorized import VectorizedEngine
-from flexp.fedavg import heterogeneity, run_fedavg, sample_clients
+from flexp.fedavg import Conditions, heterogeneity, run_fedavg, sample_clients
 from flexp.flat import flat_parameters
 from flexp.models import build_model
 from flexp.partition import natural
@@ -41,7 +41,8 @@ def _run(fl, clients, engine_cls=ThreadEngine, strategy=None, **kwargs):
     start = flat_parameters(model)
     engine = engine_cls(lambda: build_model("2nn", data.input_shape, data.num_classes), data.train,
                         LocalSpec(fl.local_epochs, fl.batch_size, fl.lr), **kwargs)
-    return run_fedavg(model, parts, data.test, fl, engine, 5, strategy=strategy, clients=clients), parts, start
+    return run_fedavg(model, parts, data.test, fl, engine, 5, strategy=strategy,
+                      conditions=Conditions(clients=clients)), parts, start
 
 
 def test_heterogeneity_is_seeded_and_bounded():

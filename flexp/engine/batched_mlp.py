@@ -39,15 +39,20 @@ class BatchedMLP:
     @classmethod
     def from_flat(cls, flat: torch.Tensor, layers: list[nn.Linear], clients: int) -> BatchedMLP:
         """Copy one flat parameter vector (PyTorch's order: weight, bias per layer) out to `clients` copies."""
+        return cls.from_rows(flat.expand(clients, -1), layers)
+
+    @classmethod
+    def from_rows(cls, rows: torch.Tensor, layers: list[nn.Linear]) -> BatchedMLP:
+        """One client per row of `rows` [m, P], each a flat parameter vector in PyTorch's order."""
         weights, biases, offset = [], [], 0
+        clients = rows.shape[0]
         for layer in layers:
             out_f, in_f = layer.weight.shape
-            w = flat[offset:offset + out_f * in_f].view(out_f, in_f)
+            w = rows[:, offset:offset + out_f * in_f].reshape(clients, out_f, in_f)
             offset += out_f * in_f
-            b = flat[offset:offset + out_f]
+            weights.append(w.transpose(1, 2).contiguous())
+            biases.append(rows[:, offset:offset + out_f].clone())
             offset += out_f
-            weights.append(w.t().expand(clients, in_f, out_f).contiguous())
-            biases.append(b.expand(clients, out_f).clone())
         return cls(weights, biases)
 
     def flat(self) -> torch.Tensor:
@@ -59,7 +64,7 @@ class BatchedMLP:
         return torch.cat(parts, dim=1)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, lr: float, mu: float = 0.0,
-             anchor: BatchedMLP | None = None) -> torch.Tensor:
+             anchor: BatchedMLP | None = None, correction: BatchedMLP | None = None) -> torch.Tensor:
         """SGD on each client's masked mean cross-entropy; x [m, B, in], y and mask [m, B]; returns losses [m]."""
         inputs, h = [], x
         last = len(self.weights) - 1
@@ -73,15 +78,18 @@ class BatchedMLP:
         scale = (mask / count.unsqueeze(1)).unsqueeze(-1)
         losses = -(log_probs.gather(-1, y.unsqueeze(-1)) * scale).sum((1, 2))
         grad = log_probs.exp_().scatter_add_(-1, y.unsqueeze(-1), -torch.ones_like(scale)).mul_(scale)
-        if mu and anchor is not None:  # FedProx: mu (w - anchor) at the pre-step weights, for clients with a batch
-            active = (mask.sum(1) > 0).to(mask.dtype) * mu
-            prox_w = [(w - a) * active.view(-1, 1, 1) for w, a in zip(self.weights, anchor.weights)]
-            prox_b = [(b - a) * active.view(-1, 1) for b, a in zip(self.biases, anchor.biases)]
+        active = (mask.sum(1) > 0).to(mask.dtype)  # extra gradient terms apply only to clients with a batch
+        if mu and anchor is not None:  # FedProx: mu (w - anchor) at the pre-step weights
+            prox_w = [(w - a) * (active * mu).view(-1, 1, 1) for w, a in zip(self.weights, anchor.weights)]
+            prox_b = [(b - a) * (active * mu).view(-1, 1) for b, a in zip(self.biases, anchor.biases)]
         for i in range(last, -1, -1):
             grad_in = torch.bmm(grad, self.weights[i].transpose(1, 2)).mul_(inputs[i] > 0) if i > 0 else None
             if mu and anchor is not None:
                 self.weights[i].sub_(prox_w[i], alpha=lr)
                 self.biases[i].sub_(prox_b[i], alpha=lr)
+            if correction is not None:  # SCAFFOLD: c - c_i
+                self.weights[i].sub_(correction.weights[i] * active.view(-1, 1, 1), alpha=lr)
+                self.biases[i].sub_(correction.biases[i] * active.view(-1, 1), alpha=lr)
             self.weights[i].baddbmm_(inputs[i].transpose(1, 2), grad, alpha=-lr)
             self.biases[i].sub_(grad.sum(1), alpha=lr)
             grad = grad_in

@@ -16,20 +16,42 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from flexp.client import ClientResult, ClientTask, LocalSpec, epoch_orders
+from flexp.client import ClientResult, ClientTask, LocalSpec, epoch_orders, local_steps
 from flexp.data import Split
 from flexp.engine.batched_mlp import BatchedMLP, mlp_layers
 
 
 @dataclass(frozen=True)
 class Lockstep:
-    """Padded per-step sample indices [T, m, B] and their validity mask, for m clients over T steps."""
+    """Padded per-step sample indices [T, m, B] and their validity mask, for m clients over T steps, with the
+    clients' SCAFFOLD corrections [m, P] and label maps [m, classes] where any client has one."""
 
     indices: torch.Tensor
     mask: torch.Tensor
+    corrections: torch.Tensor | None = None
+    label_maps: torch.Tensor | None = None
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> Lockstep:
+        """On `device`, with the mask and corrections in the training dtype."""
+        return Lockstep(self.indices.to(device), self.mask.to(device, dtype),
+                        None if self.corrections is None else self.corrections.to(device, dtype),
+                        None if self.label_maps is None else self.label_maps.to(device))
 
 
-def lockstep_plan(tasks: Sequence[ClientTask], spec: LocalSpec) -> Lockstep:
+def stacked_extras(tasks: Sequence[ClientTask], num_params: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Per-client corrections (zeros where a client has none) and label maps (identity where none), or None."""
+    corrections = label_maps = None
+    if any(t.correction is not None for t in tasks):
+        corrections = torch.stack([t.correction.cpu() if t.correction is not None else torch.zeros(num_params)
+                                   for t in tasks])
+    maps = [t.label_map for t in tasks if t.label_map is not None]
+    if maps:
+        identity = torch.arange(len(maps[0]))
+        label_maps = torch.stack([t.label_map.cpu() if t.label_map is not None else identity for t in tasks])
+    return corrections, label_maps
+
+
+def lockstep_plan(tasks: Sequence[ClientTask], spec: LocalSpec, num_params: int = 0) -> Lockstep:
     """Lay each client's E epochs of batches side by side; missing steps and samples are masked out."""
     batch = spec.batch_size or max(len(t.indices) for t in tasks)
     per_client = []
@@ -46,7 +68,7 @@ def lockstep_plan(tasks: Sequence[ClientTask], spec: LocalSpec) -> Lockstep:
     for k, steps in enumerate(per_client):
         grid[: len(steps), k] = steps
     mask = grid >= 0
-    return Lockstep(grid.clamp_min(0), mask)
+    return Lockstep(grid.clamp_min(0), mask, *stacked_extras(tasks, num_params))
 
 
 class VectorizedEngine:
@@ -72,45 +94,56 @@ class VectorizedEngine:
         losses = F.cross_entropy(functional_call(self.model, params, (x,)), y, reduction="none")
         return (losses * mask).sum() / mask.sum().clamp_min(1)
 
+    def _labels(self, idx: torch.Tensor, plan: Lockstep) -> torch.Tensor:
+        y = self.train.y[idx]
+        return y if plan.label_maps is None else torch.gather(plan.label_maps, 1, y)
+
     def _train_mlp(self, global_params: torch.Tensor, plan: Lockstep, clients: int) -> tuple[torch.Tensor, ...]:
         net = BatchedMLP.from_flat(global_params, self.layers, clients)
         anchor = BatchedMLP.from_flat(global_params, self.layers, clients) if self.spec.mu else None
+        correction = BatchedMLP.from_rows(plan.corrections, self.layers) if plan.corrections is not None else None
         loss_sum = torch.zeros(clients, device=self.device, dtype=self.train.x.dtype)
         for idx, mask in zip(plan.indices, plan.mask):
-            losses = net.step(self.flat_x[idx], self.train.y[idx], mask, self.spec.lr, self.spec.mu, anchor)
+            losses = net.step(self.flat_x[idx], self._labels(idx, plan), mask, self.spec.lr, self.spec.mu, anchor,
+                              correction)
             loss_sum += losses * mask.sum(1)
         return net.flat(), loss_sum
 
+    def _per_parameter(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """[m, P] flat rows as a list of [m, *shape] views, one per parameter."""
+        sizes = [math.prod(shape) for shape in self.shapes]
+        return [part.view(len(rows), *shape) for part, shape in zip(rows.split(sizes, dim=1), self.shapes)]
+
     def _train_vmap(self, global_params: torch.Tensor, plan: Lockstep, clients: int) -> tuple[torch.Tensor, ...]:
-        params, offset = {}, 0
-        for name, shape in zip(self.names, self.shapes):
-            n = math.prod(shape)
-            params[name] = global_params[offset:offset + n].view(shape).expand(clients, *shape).clone()
-            offset += n
-        tensors = list(params.values())
+        tensors = [t.clone() for t in self._per_parameter(global_params.expand(clients, -1))]
+        params = dict(zip(self.names, tensors))
         anchor = [t.clone() for t in tensors] if self.spec.mu else None
+        correction = self._per_parameter(plan.corrections) if plan.corrections is not None else None
         loss_sum = torch.zeros(clients, device=self.device, dtype=self.train.x.dtype)
         for idx, mask in zip(plan.indices, plan.mask):
-            grads, losses = self.vmapped(params, self.train.x[idx], self.train.y[idx], mask)
+            grads, losses = self.vmapped(params, self.train.x[idx], self._labels(idx, plan), mask)
             grads = [grads[name] for name in self.names]
-            if anchor is not None:  # FedProx: mu (w - anchor), only for clients that have a batch at this step
-                active = (mask.sum(1) > 0).to(mask.dtype) * self.spec.mu
+            active = (mask.sum(1) > 0).to(mask.dtype)  # extra gradient terms apply only to clients with a batch
+            if anchor is not None:  # FedProx: mu (w - anchor)
                 pulls = torch._foreach_sub(tensors, anchor)
-                grads = [g + p * active.view(-1, *[1] * (p.dim() - 1)) for g, p in zip(grads, pulls)]
+                grads = [g + p * (active * self.spec.mu).view(-1, *[1] * (p.dim() - 1)) for g, p in zip(grads, pulls)]
+            if correction is not None:  # SCAFFOLD: c - c_i
+                grads = [g + c * active.view(-1, *[1] * (c.dim() - 1)) for g, c in zip(grads, correction)]
             torch._foreach_add_(tensors, grads, alpha=-self.spec.lr)
             loss_sum += losses * mask.sum(1)
         return torch.cat([p.reshape(clients, -1) for p in tensors], dim=1), loss_sum
 
     def _train_group(self, global_params: torch.Tensor, tasks: Sequence[ClientTask]) -> list[ClientResult]:
-        plan = lockstep_plan(tasks, self.spec)
-        plan = Lockstep(plan.indices.to(self.device), plan.mask.to(self.device, self.train.x.dtype))
+        plan = lockstep_plan(tasks, self.spec, global_params.numel())
+        plan = plan.to(self.device, self.train.x.dtype)
         train = self._train_mlp if self.layers else self._train_vmap
         with torch.no_grad() if self.layers else nullcontext():
             flat, loss_sum = train(global_params, plan, len(tasks))
         sizes = [len(task.indices) for task in tasks]
-        epochs = torch.tensor([task.local_epochs(self.spec) for task in tasks])
-        mean_loss = (loss_sum.cpu() / (torch.tensor(sizes) * epochs)).tolist()
-        return [ClientResult(task.client, flat[k].clone(), sizes[k], mean_loss[k]) for k, task in enumerate(tasks)]
+        epochs = [task.local_epochs(self.spec) for task in tasks]
+        mean_loss = (loss_sum.cpu() / (torch.tensor(sizes) * torch.tensor(epochs))).tolist()
+        return [ClientResult(task.client, flat[k].clone(), sizes[k], mean_loss[k],
+                             local_steps(sizes[k], self.spec.batch_size, epochs[k])) for k, task in enumerate(tasks)]
 
     def run_round(self, global_params: torch.Tensor, tasks: Sequence[ClientTask]) -> list[ClientResult]:
         """Train every task's client from `global_params`; results in task order."""

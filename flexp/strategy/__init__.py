@@ -21,12 +21,14 @@ class Strategy(Protocol):
                   num_samples: Sequence[int]) -> torch.Tensor: ...
 
 
-def make_strategy(cfg: StrategyConfig) -> Strategy:
-    """The configured strategy."""
-    from flexp.strategy import fedavg, fedavgm, fedopt, krum, median, trimmed_mean
+def make_strategy(cfg: StrategyConfig, num_clients: int = 0, lr: float = 0.0) -> Strategy:
+    """The configured strategy (SCAFFOLD needs K and the clients' learning rate)."""
+    from flexp.strategy import fedavg, fedavgm, fedopt, krum, median, scaffold, trimmed_mean
 
     if cfg.name in ("fedavg", "fedprox"):  # FedProx changes the clients (LocalSpec.mu), not the server
         return fedavg.FedAvg()
+    if cfg.name == "scaffold":
+        return scaffold.Scaffold(num_clients, lr, cfg.server_lr)
     if cfg.name == "fedavgm":
         return fedavgm.FedAvgM(cfg.server_lr, cfg.momentum)
     if cfg.name in ("fedadam", "fedyogi", "fedadagrad"):

@@ -1,0 +1,66 @@
+"""SCAFFOLD (Karimireddy et al. 2020, option II): control variates correct each client's drift from the server.
+
+Clients step with g + (c - c_i); after K local steps c_i+ = c_i - c + (x - y_i) / (K lr). The server moves x by
+server_lr times the n_k-weighted mean of y_i - x and c by (1/N) sum of (c_i+ - c_i). With every c zero (round
+one) and server_lr = 1 the round is FedAvg's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from flexp.aggregate import weighted_average
+from flexp.client import ClientResult
+
+
+def client_control(c_i: torch.Tensor, c: torch.Tensor, x: torch.Tensor, y: torch.Tensor, steps: int,
+                   lr: float) -> torch.Tensor:
+    """Option II: c_i+ = c_i - c + (x - y_i) / (K lr), in float64."""
+    return c_i - c + (x.double() - y.double()) / (steps * lr)
+
+
+def server_step(x: torch.Tensor, params: Sequence[torch.Tensor], num_samples: Sequence[int],
+                server_lr: float) -> torch.Tensor:
+    """x + server_lr (weighted mean of y_i - x); server_lr = 1 is the weighted mean itself."""
+    average = weighted_average(params, num_samples)
+    if server_lr == 1.0:
+        return average
+    return (x.double() + server_lr * (average.double() - x.double())).to(x.dtype)
+
+
+class Scaffold:
+    """Holds c and every client's c_i (created at zero on a client's first round)."""
+
+    def __init__(self, num_clients: int, lr: float, server_lr: float = 1.0) -> None:
+        self.num_clients, self.lr, self.server_lr = num_clients, lr, server_lr
+        self.c: torch.Tensor | None = None
+        self.c_i: dict[int, torch.Tensor] = {}
+
+    def correction(self, client: int, global_params: torch.Tensor) -> torch.Tensor:
+        """c - c_i for a client about to train, in the parameters' dtype."""
+        if self.c is None:
+            self.c = torch.zeros_like(global_params, dtype=torch.float64)
+        own = self.c_i.get(client)
+        return (self.c if own is None else self.c - own).to(global_params.dtype)
+
+    def aggregate_results(self, global_params: torch.Tensor, results: Sequence[ClientResult]) -> torch.Tensor:
+        """Update every returning client's c_i and the server's c, and return the new global weights."""
+        if self.c is None:
+            self.c = torch.zeros_like(global_params, dtype=torch.float64)
+        delta_c = torch.zeros_like(self.c)
+        for r in results:
+            old = self.c_i.get(r.client, torch.zeros_like(self.c))
+            new = client_control(old, self.c, global_params, r.params, r.steps, self.lr)
+            delta_c += new - old
+            self.c_i[r.client] = new
+        new_global = server_step(global_params, [r.params for r in results], [r.num_samples for r in results],
+                                 self.server_lr)
+        self.c = self.c + delta_c / self.num_clients
+        return new_global
+
+    def aggregate(self, global_params: torch.Tensor, params: Sequence[torch.Tensor],
+                  num_samples: Sequence[int]) -> torch.Tensor:
+        """The server step alone, for callers without client ids (c is left as it is)."""
+        return server_step(global_params, params, num_samples, self.server_lr)
