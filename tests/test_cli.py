@@ -4,8 +4,8 @@ import mlflow.pytorch
 import pytest
 import torch
 import yaml
-from omegaconf import OmegaConf
 from conftest import SMALL, mlflow_client, run_cli
+from omegaconf import OmegaConf
 
 from flexp.config import DatasetConfig
 from flexp.data import load_dataset
