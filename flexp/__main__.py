@@ -60,10 +60,15 @@ def sweep_tags() -> dict[str, str]:
 
 
 def with_sweeps_on_search_path(argv: list[str]) -> list[str]:
-    """Add sweeps/ to Hydra's config search path (so `+sweep=table1` resolves) unless the user set one."""
+    """Add sweeps/ to Hydra's config search path (so `+sweep=table1` resolves) unless the user set one.
+
+    It goes beside the other overrides, since Hydra's parser wants them in one run (`-m a=1 --cfg job` both work).
+    """
     if any(a.lstrip("+").startswith("hydra.searchpath=") for a in argv):
         return argv
-    return [f"hydra.searchpath=[file://{SWEEPS_DIR}]", *argv]  # first: options like --cfg may follow overrides
+    extra = f"hydra.searchpath=[file://{SWEEPS_DIR}]"
+    first = next((i for i, a in enumerate(argv) if "=" in a and not a.startswith("-")), len(argv))
+    return [*argv[:first], extra, *argv[first:]]
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

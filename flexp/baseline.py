@@ -11,8 +11,8 @@ from torch import nn
 from flexp.client import ClientTask, LocalSpec, local_sgd
 from flexp.config import BaselineConfig
 from flexp.data import Split
+from flexp.engine.cnn_kernel import replica_for
 from flexp.fedavg import RoundRecord, TrainingResult, client_seed
-from flexp.flat import Replica
 from flexp.metrics import evaluate
 
 
@@ -20,7 +20,7 @@ def run_baseline(model: nn.Module, train: Split, test: Split, cfg: BaselineConfi
                  target: float | None = None,
                  on_epoch: Callable[[RoundRecord], None] = lambda r: None) -> TrainingResult:
     """Train `model` in place for cfg.epochs epochs of minibatch SGD; evaluate after each epoch."""
-    replica = Replica(model.train())
+    replica = replica_for(model.train())
     everything = torch.arange(len(train))
     spec = LocalSpec(epochs=1, batch_size=cfg.batch_size, lr=cfg.lr)
     result = TrainingResult(replica.flat(), target=target)

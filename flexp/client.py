@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from flexp.flat import Replica
 
@@ -71,8 +70,7 @@ def local_sgd(model: Replica, x: torch.Tensor, y: torch.Tensor, task: ClientTask
         for start in range(0, n, batch):
             chosen = order[start:start + batch]
             labels = y[chosen] if label_map is None else label_map[y[chosen]]
-            loss = F.cross_entropy(model.module(x[chosen]), labels)
-            model.sgd_step(loss, spec.lr, spec.mu, anchor, correction)
-            loss_sum += loss.detach() * len(chosen)
+            loss = model.train_step(x[chosen], labels, spec.lr, spec.mu, anchor, correction)
+            loss_sum += loss * len(chosen)
     mean_loss = float(loss_sum) / (n * epochs)
     return ClientResult(task.client, model.flat(), n, mean_loss, local_steps(n, spec.batch_size, epochs))

@@ -130,3 +130,19 @@ def test_strategy_presets_compose(preset, strategy, attack):
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = parse_config(OmegaConf.to_container(compose("config", [f"+experiment={preset}"]), resolve=True))
     assert (cfg.strategy.name, cfg.attack.name, cfg.dataset.name) == (strategy, attack, "mnist")
+
+
+@pytest.mark.parametrize("argv", [["-m", "a=1,2"], ["a=1", "--cfg", "job"], ["--cfg", "job", "a=1"], ["-m"], []])
+def test_sweeps_search_path_joins_the_other_overrides(argv):
+    """Hydra's parser takes overrides in one run only, so the injected one must sit beside them."""
+    import argparse
+
+    from flexp.__main__ import with_sweeps_on_search_path
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("-m", action="store_true")
+    parser.add_argument("--cfg")
+    parsed = parser.parse_args(with_sweeps_on_search_path(argv))
+    assert parsed.overrides[0].startswith("hydra.searchpath=") or parsed.overrides[-1].startswith("hydra.search")
+    assert len(parsed.overrides) == 1 + sum("=" in a for a in argv)

@@ -16,6 +16,7 @@ from torch import nn
 
 from flexp.client import ClientResult, ClientTask, LocalSpec, local_sgd
 from flexp.data import Split
+from flexp.engine.cnn_kernel import replica_for
 from flexp.flat import Replica
 
 
@@ -38,7 +39,7 @@ class ThreadEngine:
         self.train, self.spec, self.workers = train, spec, workers
         self.replicas: queue.Queue[Replica] = queue.Queue()
         for _ in range(workers):
-            self.replicas.put(Replica(make_model().to(device).train()))
+            self.replicas.put(replica_for(make_model().to(device).train()))
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="flexp-client") if workers > 1 else None
 
     def _update(self, global_params: torch.Tensor, task: ClientTask) -> ClientResult:
