@@ -5,12 +5,16 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from flexp.config import ConfigError, check_key, parse_config
+from flexp.config import ConfigError, ExperimentConfig, check_key, parse_config
+
+if TYPE_CHECKING:
+    from flexp.checkpoint import Checkpoint
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 SWEEPS_DIR = CONF_DIR.parent / "sweeps"
@@ -42,6 +46,17 @@ def check_group_choices(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
                 fail(f"{name}={option!r}: unknown {name}; choose one of {', '.join(known)}")
 
 
+def forcing_known_keys(argv: list[str]) -> list[str]:
+    """`key=value` -> `++key=value` for dotted keys flexp knows (checked before), so a key the chosen group's file
+    leaves out (strategy.mu under strategy=fedavg) is set and validated rather than refused by Hydra."""
+    out = []
+    for arg in argv:
+        name, sep, _ = arg.partition("=")
+        forced = sep and "." in name and not arg.startswith(("+", "~", "-", "hydra."))
+        out.append(f"++{arg}" if forced else arg)
+    return out
+
+
 def sweep_tags() -> dict[str, str]:
     """Tags tying a job to its Hydra sweep (id: the sweep dir's last two parts) and its overrides."""
     from hydra.core.hydra_config import HydraConfig
@@ -50,7 +65,7 @@ def sweep_tags() -> dict[str, str]:
     from flexp.sweep import parent_run_id, sweep_id
 
     hc = HydraConfig.get()
-    tags = {"flexp.overrides": " ".join(hc.overrides.task) or "(none)"}
+    tags = {"flexp.overrides": " ".join(o.removeprefix("++") for o in hc.overrides.task) or "(none)"}
     if hc.mode == RunMode.MULTIRUN:
         tags["flexp.sweep_id"] = sweep_id(hc.sweep.dir)
         tags["flexp.job_num"] = str(hc.job.num)
@@ -81,21 +96,72 @@ def main(cfg: DictConfig) -> float | None:
         fail(str(err).splitlines()[0])
     from flexp.writer import TrackingError, TrackingWriter
 
+    output_dir, resume = job_output_dir(), None
+    if config.resume is not None:
+        try:
+            config, resume, output_dir = resumed(config)
+        except ConfigError as err:
+            fail(str(err))
     tracker = TrackingWriter(config.tracking)
+    tracker.resume_hint = f"To log the rest later: python -m flexp resume={output_dir}"
     from flexp.data.mnist import DataSourceError
+    from flexp.fedavg import ClientFailure, Diverged
     from flexp.run import execute
 
     try:
-        result = execute(config, tracker, sweep_tags(), OmegaConf.to_yaml(cfg))
+        result = execute(config, tracker, sweep_tags(), OmegaConf.to_yaml(cfg), output_dir, resume)
     except (ConfigError, TrackingError) as err:
         fail(str(err))
-    except DataSourceError as err:
-        fail(" | ".join(str(err).splitlines()), code=1)
+    except (DataSourceError, ClientFailure, Diverged) as err:
+        last = f" The last good checkpoint is in {output_dir}." if isinstance(err, Diverged) else ""
+        fail(" | ".join(str(err).splitlines()) + last, code=1)
     except KeyboardInterrupt:
-        fail("interrupted: the MLflow run is marked KILLED and keeps the rounds logged so far", code=130)
+        fail(f"interrupted: the MLflow run is marked KILLED and keeps the rounds logged so far; continue it with "
+             f"python -m flexp resume={output_dir}", code=130)
     finally:
         tracker.close()
     return result.summary().get("best_test_accuracy")
+
+
+def job_output_dir() -> Path:
+    """This job's Hydra output directory, where its checkpoint lives."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def resumed(config: ExperimentConfig) -> tuple[ExperimentConfig, Checkpoint, Path]:
+    """(the original config, its checkpoint, its output dir) for resume=<output dir | MLflow run id>."""
+    from flexp import checkpoint
+
+    directory = Path(config.resume).expanduser()
+    if not (directory / checkpoint.FILE).is_file():
+        directory = output_dir_of_run(config.resume, config)
+    try:
+        saved = checkpoint.load(directory)
+    except Exception as err:
+        raise ConfigError("resume", config.resume, f"cannot read {directory / checkpoint.FILE}: {err}") from None
+    return parse_config(saved.config), saved, directory
+
+
+def output_dir_of_run(run_id: str, config: ExperimentConfig) -> Path:
+    """The output dir an MLflow run was started from (its flexp.output_dir tag), if it holds a checkpoint."""
+    from flexp import checkpoint
+
+    why = f"is neither a directory with {checkpoint.FILE} nor a run id in {config.tracking.uri}"
+    try:
+        from mlflow.tracking import MlflowClient
+
+        from flexp.tracking import quiet_mlflow
+
+        quiet_mlflow()
+        run = MlflowClient(tracking_uri=config.tracking.uri).get_run(run_id)
+    except Exception:
+        raise ConfigError("resume", run_id, why) from None
+    directory = Path(run.data.tags.get("flexp.output_dir", ""))
+    if not run.data.tags.get("flexp.output_dir") or not (directory / checkpoint.FILE).is_file():
+        raise ConfigError("resume", run_id, f"run {run_id} has no checkpoint (looked in {directory})")
+    return directory
 
 
 def interrupt_on_sigterm() -> None:
@@ -111,5 +177,5 @@ def interrupt_on_sigterm() -> None:
 if __name__ == "__main__":
     interrupt_on_sigterm()
     check_group_choices(sys.argv[1:])
-    sys.argv[1:] = with_sweeps_on_search_path(sys.argv[1:])
+    sys.argv[1:] = with_sweeps_on_search_path(forcing_known_keys(sys.argv[1:]))
     main()

@@ -43,6 +43,7 @@ class ClientResult:
     num_samples: int
     loss: float
     steps: int = 0  # local SGD steps taken (SCAFFOLD's K)
+    error: str | None = None  # why the client failed (its params are then the global ones, unused)
 
 
 def epoch_orders(task: ClientTask, epochs: int) -> torch.Tensor:
@@ -74,3 +75,10 @@ def local_sgd(model: Replica, x: torch.Tensor, y: torch.Tensor, task: ClientTask
             loss_sum += loss * len(chosen)
     mean_loss = float(loss_sum) / (n * epochs)
     return ClientResult(task.client, model.flat(), n, mean_loss, local_steps(n, spec.batch_size, epochs))
+
+
+def failed_result(task: ClientTask, global_params: torch.Tensor, err: BaseException) -> ClientResult:
+    """The result of a client whose update raised: no usable weights, the error in one line."""
+    text = str(err).strip().splitlines()
+    return ClientResult(task.client, global_params, len(task.indices), float("nan"),
+                        error=f"{type(err).__name__}: {text[0] if text else ''}"[:300])

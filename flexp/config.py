@@ -100,6 +100,7 @@ class EngineConfig:
     workers: int = 2
     group_size: int | None = None
     device: str = "cpu"
+    on_client_error: str = "drop"
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,13 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    """How often the server state is written to the job's output directory (0: never)."""
+
+    every: int = 1
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """The whole validated experiment."""
 
@@ -171,6 +179,8 @@ class ExperimentConfig:
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resume: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -307,6 +317,7 @@ def _engine(tree: Mapping[str, Any]) -> EngineConfig:
         workers=s.integer("workers", low=1, default=2),
         group_size=s.integer("group_size", low=1, optional=True, default=None),
         device=s.choice("device", DEVICES, default="cpu"),
+        on_client_error=s.choice("on_client_error", ("drop", "abort"), default="drop"),
     )
 
 
@@ -336,8 +347,9 @@ def _strategy(tree: Mapping[str, Any]) -> StrategyConfig:
 
 SECTIONS = {"fl": FLConfig, "baseline": BaselineConfig, "dataset": DatasetConfig, "partition": PartitionConfig,
             "model": ModelConfig, "engine": EngineConfig, "tracking": TrackingConfig, "strategy": StrategyConfig,
-            "clients": ClientsConfig, "attack": AttackConfig, "data": DataConfig}
-TOP_LEVEL = ("mode", "seed", "report", *SECTIONS)
+            "clients": ClientsConfig, "attack": AttackConfig, "data": DataConfig,
+            "checkpoint": CheckpointConfig}
+TOP_LEVEL = ("mode", "seed", "report", "resume", *SECTIONS)
 
 
 def check_key(path: str) -> None:
@@ -386,6 +398,19 @@ def _data(tree: Mapping[str, Any]) -> DataConfig:
                       arrival_every=s.integer("arrival_every", low=1, default=1))
 
 
+def _checkpoint(tree: Mapping[str, Any]) -> CheckpointConfig:
+    if "checkpoint" not in tree:
+        return CheckpointConfig()
+    return CheckpointConfig(every=_Section(tree, "checkpoint").integer("every", low=0, default=1))
+
+
+def _resume(tree: Mapping[str, Any]) -> str | None:
+    value = tree.get("resume")
+    if value is None:
+        return None
+    return _Section(tree, "").text("resume")
+
+
 def parse_config(tree: Mapping[str, Any]) -> ExperimentConfig:
     """Validate a resolved config mapping into an ExperimentConfig, or raise ConfigError naming the bad key."""
     _check_keys(tree)
@@ -404,5 +429,7 @@ def parse_config(tree: Mapping[str, Any]) -> ExperimentConfig:
         clients=_clients(tree),
         attack=_attack(tree),
         data=_data(tree),
+        checkpoint=_checkpoint(tree),
+        resume=_resume(tree),
         raw=tree,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -48,12 +49,14 @@ class RoundRecord:
     stragglers: int = 0
     malicious: int = 0
     samples: int = 0
+    failed_clients: int = 0
 
     def metrics(self) -> dict[str, float]:
         """The record as a metric dict (test metrics only on evaluated rounds)."""
         out = {"train_loss": self.train_loss, "round_seconds": self.round_seconds, "clients": self.clients,
                "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "dropped": self.dropped,
-               "stragglers": self.stragglers, "malicious": self.malicious, "samples": self.samples}
+               "stragglers": self.stragglers, "malicious": self.malicious, "samples": self.samples,
+               "failed_clients": self.failed_clients}
         if self.test_accuracy is not None:
             out.update(test_accuracy=self.test_accuracy, test_loss=self.test_loss)
         return out
@@ -106,11 +109,53 @@ def client_seed(seed: int, round_: int, client: int) -> int:
 
 @dataclass(frozen=True)
 class Conditions:
-    """What the clients are like: heterogeneity, attackers, and how their data arrives."""
+    """What the clients are like: heterogeneity, attackers, how their data arrives, and what a failure does."""
 
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    on_client_error: str = "drop"
+
+
+@dataclass
+class ServerState:
+    """The server after `round` rounds: global weights, the strategy with its state, and the history."""
+
+    round: int
+    params: torch.Tensor
+    strategy: Strategy | Scaffold
+    history: list[RoundRecord]
+
+
+class ClientFailure(RuntimeError):
+    """A client failed and engine.on_client_error is `abort`."""
+
+
+class Diverged(RuntimeError):
+    """The test loss became NaN or infinite."""
+
+
+def failure(update: ClientResult) -> str | None:
+    """Why a client's result cannot be averaged (it raised, or sent NaN/inf weights), else None."""
+    if update.error is not None:
+        return update.error
+    if not bool(torch.isfinite(update.params).all()):
+        return "returned NaN or infinite weights"
+    return None
+
+
+def usable(updates: Sequence[ClientResult], round_: int, policy: str) -> list[ClientResult]:
+    """The updates to average: failed clients are logged and left out, or abort the run when policy is `abort`."""
+    good = []
+    for update in updates:
+        why = failure(update)
+        if why is None:
+            good.append(update)
+            continue
+        if policy == "abort":
+            raise ClientFailure(f"round {round_}: client {update.client} failed: {why} (engine.on_client_error=abort)")
+        log.warning("round %d: client %d failed and is left out: %s", round_, update.client, why)
+    return good
 
 
 def round_tasks(partition: Sequence[torch.Tensor], returned: Sequence[int], slow: dict[int, int], seed: int,
@@ -125,11 +170,14 @@ def round_tasks(partition: Sequence[torch.Tensor], returned: Sequence[int], slow
 
 def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split, fl: FLConfig, engine: Engine,
                seed: int, on_round: Callable[[RoundRecord], None] = lambda r: None,
-               strategy: Strategy | Scaffold | None = None, conditions: Conditions | None = None) -> TrainingResult:
-    """Run FedAvg (or another server `strategy`) from `model`'s weights; `model` ends holding the final ones."""
-    strategy = strategy or FedAvg()
+               strategy: Strategy | Scaffold | None = None, conditions: Conditions | None = None,
+               resume: ServerState | None = None,
+               on_state: Callable[[ServerState], None] = lambda s: None) -> TrainingResult:
+    """Run FedAvg (or another server `strategy`) from `model`'s weights, or from `resume`; `model` ends holding the
+    final weights. `on_state` sees the server after each round, before `on_round` (checkpoint, then log)."""
     cond = conditions or Conditions()
-    scaffold = strategy if isinstance(strategy, Scaffold) else None
+    state = resume or ServerState(0, flat_parameters(model), strategy or FedAvg(), [])
+    scaffold = state.strategy if isinstance(state.strategy, Scaffold) else None
     attack = cond.attack
     malicious = frozenset() if attack.name == "none" else attacks.malicious_clients(len(partition), attack.fraction,
                                                                                      seed)
@@ -137,10 +185,12 @@ def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split,
     if attack.name == "label_flip":
         with torch.no_grad():
             flip = attacks.flipped_labels(model(test.x[:1]).shape[-1])
-    global_params = flat_parameters(model)
+    global_params = state.params
     model_bytes = global_params.numel() * global_params.element_size() * (2 if scaffold else 1)
-    result = TrainingResult(global_params, target=fl.target_accuracy)
-    for round_ in range(1, fl.rounds + 1):
+    result = TrainingResult(global_params, list(state.history), target=fl.target_accuracy)
+    for round_ in range(state.round + 1, fl.rounds + 1):
+        if reached_target(fl, result.history):
+            break
         start = time.perf_counter()
         chosen = sample_clients(len(partition), fl.clients_per_round, seed, round_)
         returned, slow = heterogeneity(chosen, cond.clients.dropout, cond.clients.stragglers, fl.local_epochs, seed,
@@ -150,28 +200,38 @@ def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split,
         updates = engine.run_round(global_params, tasks) if tasks else []
         updates = [replace(u, params=attacks.poison(attack.name, global_params, u.params, attack.scale, seed, round_,
                                                     u.client)) if u.client in malicious else u for u in updates]
-        if not updates:
-            log.warning("round %d: every sampled client dropped out; the global model is unchanged", round_)
+        good = usable(updates, round_, cond.on_client_error)
+        if not good:
+            log.warning("round %d: no client returned a usable update; the global model is unchanged", round_)
         elif scaffold is not None:
-            global_params = scaffold.aggregate_results(global_params, updates)
+            global_params = scaffold.aggregate_results(global_params, good)
         else:
-            global_params = strategy.aggregate(global_params, [u.params for u in updates],
-                                               [u.num_samples for u in updates])
-        n_total = sum(u.num_samples for u in updates)
+            global_params = state.strategy.aggregate(global_params, [u.params for u in good],
+                                                     [u.num_samples for u in good])
+        n_total = sum(u.num_samples for u in good)
         record = RoundRecord(
-            round=round_, clients=len(updates),
-            train_loss=sum(u.loss * u.num_samples for u in updates) / n_total if updates else float("nan"),
+            round=round_, clients=len(good),
+            train_loss=sum(u.loss * u.num_samples for u in good) / n_total if good else float("nan"),
             round_seconds=0.0, bytes_up=len(updates) * model_bytes, bytes_down=len(chosen) * model_bytes,
             dropped=len(chosen) - len(returned), stragglers=len(slow),
-            malicious=sum(u.client in malicious for u in updates), samples=n_total)
+            malicious=sum(u.client in malicious for u in good), samples=n_total,
+            failed_clients=len(updates) - len(good))
         if round_ % fl.eval_every == 0 or round_ == fl.rounds:
             accuracy, loss = evaluate(load_flat(model, global_params), test)
+            if not math.isfinite(loss):
+                raise Diverged(f"round {round_}: the test loss is {loss}; the run diverged (lower fl.lr?)")
             record = replace(record, test_accuracy=accuracy, test_loss=loss)
         record = replace(record, round_seconds=time.perf_counter() - start)
         result.history.append(record)
         result.params = global_params
+        on_state(ServerState(round_, global_params, state.strategy, result.history))
         on_round(record)
-        if fl.stop_at_target and fl.target_accuracy is not None and (record.test_accuracy or 0) >= fl.target_accuracy:
-            break
     load_flat(model, global_params)
     return result
+
+
+def reached_target(fl: FLConfig, history: Sequence[RoundRecord]) -> bool:
+    """True when fl.stop_at_target is set and the last evaluated round reached the target."""
+    if not (fl.stop_at_target and fl.target_accuracy is not None and history):
+        return False
+    return (history[-1].test_accuracy or 0) >= fl.target_accuracy

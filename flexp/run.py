@@ -5,22 +5,25 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from flexp import checkpoint
 from flexp import partition as partitions
 from flexp.baseline import run_baseline
 from flexp.client import LocalSpec
 from flexp.config import ConfigError, ExperimentConfig
 from flexp.data import Dataset, load_dataset
 from flexp.engine import make_engine
-from flexp.fedavg import Conditions, RoundRecord, TrainingResult, run_fedavg
+from flexp.fedavg import Conditions, RoundRecord, ServerState, TrainingResult, run_fedavg
 from flexp.flat import load_flat
 from flexp.models import build_model, count_parameters
 from flexp.progress import Progress
 from flexp.strategy import make_strategy
+from flexp.tracking import flatten
 
 log = logging.getLogger("flexp")
 
@@ -33,6 +36,7 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
     def log_text(self, text: str, path: str) -> None: ...
     def log_model(self, model: nn.Module) -> None: ...
+    def logged_rounds(self) -> set[int]: ...
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
@@ -97,8 +101,10 @@ def new_model(cfg: ExperimentConfig, data: Dataset) -> nn.Module:
     return build_model(cfg.model.name, data.input_shape, data.num_classes, cfg.model.hidden)
 
 
-def train(cfg: ExperimentConfig, ready: Prepared, on_record: Callable[[RoundRecord], None]) -> TrainingResult:
-    """Run FedAvg or the baseline on prepared inputs."""
+def train(cfg: ExperimentConfig, ready: Prepared, on_record: Callable[[RoundRecord], None],
+          resume: ServerState | None = None,
+          on_state: Callable[[ServerState], None] = lambda s: None) -> TrainingResult:
+    """Run FedAvg or the baseline on prepared inputs (FedAvg from `resume` when given)."""
     if cfg.mode == "baseline":
         return run_baseline(ready.model, ready.data.train, ready.data.test, cfg.baseline, cfg.seed,
                             cfg.fl.target_accuracy, on_record)
@@ -106,36 +112,63 @@ def train(cfg: ExperimentConfig, ready: Prepared, on_record: Callable[[RoundReco
     engine = make_engine(cfg.engine, lambda: new_model(cfg, ready.data), ready.data.train, spec, ready.device)
     try:
         strategy = make_strategy(cfg.strategy, cfg.fl.clients, cfg.fl.lr)
+        conditions = Conditions(cfg.clients, cfg.attack, cfg.data, cfg.engine.on_client_error)
         return run_fedavg(ready.model, ready.partition, ready.data.test, cfg.fl, engine, cfg.seed, on_record,
-                          strategy, Conditions(cfg.clients, cfg.attack, cfg.data))
+                          strategy, conditions, resume, on_state)
     finally:
         engine.close()
 
 
-def execute(cfg: ExperimentConfig, tracker: Tracker, tags: Mapping[str, str], config_yaml: str) -> TrainingResult:
-    """Prepare, then train inside one tracked run that always ends FINISHED, FAILED or KILLED."""
+def checkpointer(cfg: ExperimentConfig, directory: Path | None, run_id: str) -> Callable[[ServerState], None]:
+    """Save the server state every checkpoint.every rounds and after the last one (federated runs only)."""
+
+    def on_state(state: ServerState) -> None:
+        every = cfg.checkpoint.every
+        if directory is not None and every and (state.round % every == 0 or state.round == cfg.fl.rounds):
+            checkpoint.save(directory, checkpoint.Checkpoint(state, run_id, cfg.raw, checkpoint.rng_states()))
+
+    return on_state
+
+
+def execute(cfg: ExperimentConfig, tracker: Tracker, tags: Mapping[str, str], config_yaml: str,
+            output_dir: Path | None = None, resume: checkpoint.Checkpoint | None = None) -> TrainingResult:
+    """Prepare, then train inside one tracked run that always ends FINISHED, FAILED or KILLED.
+
+    With `resume`, the checkpoint's MLflow run is reopened, rounds it lacks are logged from the checkpoint, and
+    training goes on from the checkpoint's round.
+    """
     ready = prepare(cfg)
     unit = "epoch" if cfg.mode == "baseline" else "round"
     total = cfg.baseline.epochs if cfg.mode == "baseline" else cfg.fl.rounds
-    run_id = tracker.start(run_name(cfg), {**tags, "flexp.mode": cfg.mode})
+    tags = {**tags, "flexp.mode": cfg.mode, "flexp.output_dir": str(output_dir or "")}
+    run_id = tracker.start(run_name(cfg), tags, run_id=resume.run_id if resume else None)
     log.info("run %s: %s, %d parameters, %d %ss", run_id, run_name(cfg), count_parameters(ready.model), total, unit)
     progress = Progress(total, unit)
     status = "FAILED"
     try:
-        from flexp.tracking import flatten
-
-        tracker.log_params(flatten(cfg.raw))
-        tracker.log_text(config_yaml, "config.yaml")
+        if resume is None:
+            tracker.log_params(flatten(cfg.raw))
+            tracker.log_text(config_yaml, "config.yaml")
+        else:
+            checkpoint.restore_rng(resume.rng)
+            logged = tracker.logged_rounds()
+            for record in resume.state.history:
+                if record.round not in logged:
+                    tracker.log_metrics(record.metrics(), step=record.round)
+            log.info("resuming after round %d of %d (output dir %s)", resume.state.round, total, output_dir)
 
         def on_record(record: RoundRecord) -> None:
             tracker.log_metrics(record.metrics(), step=record.round)
             progress.update(record)
 
-        result = train(cfg, ready, on_record)
+        state = resume.state if resume else None
+        result = train(cfg, ready, on_record, state, checkpointer(cfg, output_dir, run_id))
         progress.close()
         summary = result.summary()
-        tracker.log_metrics(summary)
-        if cfg.tracking.log_model:
+        trained = resume is None or len(result.history) > len(resume.state.history)
+        if trained:
+            tracker.log_metrics(summary)
+        if trained and cfg.tracking.log_model:
             tracker.log_model(load_flat(new_model(cfg, ready.data), result.params.cpu()))
         log.info("done: %s", "  ".join(f"{k} {v:.4g}" for k, v in summary.items()))
         status = "FINISHED"

@@ -40,7 +40,7 @@ class ParentRunCallback(Callback):
         client, experiment_id = open_experiment(tracking.uri, tracking.experiment)
         swept = config.hydra.sweeper.get("params")
         params = OmegaConf.to_container(swept, resolve=True) if swept is not None else {}
-        overrides = list(config.hydra.overrides.task)
+        overrides = [o.removeprefix("++") for o in config.hydra.overrides.task]
         run = retrying(client.create_run)(experiment_id, run_name=f"sweep-{sweep_id(sweep_dir)}", tags={
             "flexp.sweep_id": sweep_id(sweep_dir), "flexp.sweep_parent": "true",
             "flexp.sweep_params": json.dumps(params), "flexp.overrides": " ".join(overrides) or "(none)"})

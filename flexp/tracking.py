@@ -52,6 +52,28 @@ def retrying(fn: Callable[..., T], attempts: int = 12, first_wait: float = 0.05)
     return call
 
 
+def quiet_mlflow() -> None:
+    """Import MLflow and keep its INFO chatter (database migrations) off the terminal."""
+    import mlflow  # noqa: F401  (it configures its logger on import)
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """For an http(s) tracking server, fail fast (ConnectionError) if nothing listens, instead of MLflow's retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(uri)
+    if url.scheme not in ("http", "https"):
+        return
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as err:
+        raise ConnectionError(f"cannot reach the tracking server at {url.hostname}:{port} ({err})") from None
+
+
 def open_experiment(uri: str, experiment: str) -> tuple[Any, str]:
     """(MlflowClient, experiment id) for `experiment` in the store at `uri`, creating both if needed.
 
@@ -60,6 +82,7 @@ def open_experiment(uri: str, experiment: str) -> tuple[Any, str]:
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    check_reachable(uri)
     db = sqlite_path(uri)
     artifact_location = None
     if db is not None:
@@ -147,6 +170,13 @@ class MlflowTracker:
                                          pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
         finally:
             quiet.setLevel(level)
+
+    def logged_rounds(self) -> set[int]:
+        """The steps the run already has round metrics for (so a resumed run logs each round once)."""
+        from mlflow.tracking import MlflowClient
+
+        history = retrying(MlflowClient(tracking_uri=self.cfg.uri).get_metric_history)(self.run_id, "round_seconds")
+        return {m.step for m in history}
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run with FINISHED, FAILED or KILLED."""

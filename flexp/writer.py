@@ -42,8 +42,10 @@ class TrackingWriter:
         self.cfg = cfg
         self.run_id: str | None = None
         self.failure: str | None = None
+        self.resume_hint = ""  # how to resume the job, told when tracking fails mid-run
         self.replies: queue.Queue[dict[str, Any]] = queue.Queue()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", **os.environ,
+               "PYTHONUNBUFFERED": "1"}  # a server that goes away mid-run costs seconds per call, not minutes
         self.proc = subprocess.Popen([sys.executable, "-m", "flexp.writer", json.dumps(cfg.__dict__)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         threading.Thread(target=self._read_replies, daemon=True).start()
@@ -60,7 +62,8 @@ class TrackingWriter:
     def _failed(self, message: str) -> None:
         if self.failure is None:
             self.failure = message
-            log.warning("tracking failed: %s; training goes on, later metrics are not logged", message)
+            log.warning("tracking failed: %s. Training goes on and checkpoints keep being written; nothing logged so "
+                        "far is lost. %s", message, self.resume_hint)
 
     def _send(self, op: str, **fields: Any) -> None:
         if self.failure is not None or self.proc.stdin is None:
@@ -71,18 +74,27 @@ class TrackingWriter:
         except (BrokenPipeError, OSError) as err:
             self._failed(f"the tracking process is gone ({err})")
 
+    def _answer(self) -> dict[str, Any]:
+        try:
+            return self.replies.get(timeout=START_TIMEOUT_S)
+        except queue.Empty:
+            return {"error": f"no answer from {self.cfg.uri} in {START_TIMEOUT_S:.0f} s"}
+
     def start(self, run_name: str, tags: Mapping[str, str], run_id: str | None = None) -> str:
         """Start (or, given `run_id`, reopen) the run and wait for its id; TrackingError if the store fails."""
         self._send("start", run_name=run_name, tags=dict(tags), run_id=run_id)
-        try:
-            reply = self.replies.get(timeout=START_TIMEOUT_S)
-        except queue.Empty:
-            reply = {"error": f"no answer from {self.cfg.uri} in {START_TIMEOUT_S:.0f} s"}
+        reply = self._answer()
         if "error" in reply:
             self.close()
             raise TrackingError(f"tracking.uri={self.cfg.uri}: {reply['error']}")
         self.run_id = reply["run_id"]
         return self.run_id
+
+    def logged_rounds(self) -> set[int]:
+        """The rounds the run already has metrics for; empty if tracking has failed."""
+        self._send("logged_rounds")
+        reply = self._answer() if self.failure is None else {}
+        return set(reply.get("rounds", []))
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         self._send("log_params", params={k: str(v) for k, v in params.items()})
@@ -133,11 +145,9 @@ def serve(cfg: TrackingConfig) -> None:
     """The writer's loop: one MlflowTracker call per line on stdin, errors answered on stdout."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    import mlflow  # noqa: F401  (configures its logger on import; quieten it after)
+    from flexp.tracking import MlflowTracker, quiet_mlflow
 
-    from flexp.tracking import MlflowTracker
-
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    quiet_mlflow()
 
     tracker = MlflowTracker(cfg)
     tracker.warm_up()
@@ -161,6 +171,8 @@ def serve(cfg: TrackingConfig) -> None:
                     tracker.log_model(torch.load(path, weights_only=False))
                 finally:
                     path.unlink(missing_ok=True)
+            elif op == "logged_rounds":
+                answer({"rounds": sorted(tracker.logged_rounds())})
             elif op == "finish":
                 tracker.finish(message["status"])
                 finished = True

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from flexp.client import ClientResult, ClientTask, LocalSpec, local_sgd
+from flexp.client import ClientResult, ClientTask, LocalSpec, failed_result, local_sgd
 from flexp.data import Split
 from flexp.engine.cnn_kernel import replica_for
 from flexp.flat import Replica
@@ -47,6 +47,8 @@ class ThreadEngine:
         try:
             replica.load(global_params)
             return local_sgd(replica, self.train.x, self.train.y, task, self.spec)
+        except Exception as err:  # one client's failure is the server's to judge, not a crash
+            return failed_result(task, global_params, err)
         finally:
             self.replicas.put(replica)
 

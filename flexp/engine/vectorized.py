@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from flexp.client import ClientResult, ClientTask, LocalSpec, epoch_orders, local_steps
+from flexp.client import ClientResult, ClientTask, LocalSpec, epoch_orders, failed_result, local_steps
 from flexp.data import Split
 from flexp.engine.batched_mlp import BatchedMLP, mlp_layers
 
@@ -148,7 +148,13 @@ class VectorizedEngine:
     def run_round(self, global_params: torch.Tensor, tasks: Sequence[ClientTask]) -> list[ClientResult]:
         """Train every task's client from `global_params`; results in task order."""
         size = self.group_size or len(tasks)
-        return [r for i in range(0, len(tasks), size) for r in self._train_group(global_params, tasks[i:i + size])]
+        return [r for i in range(0, len(tasks), size) for r in self._guarded(global_params, tasks[i:i + size])]
+
+    def _guarded(self, global_params: torch.Tensor, tasks: Sequence[ClientTask]) -> list[ClientResult]:
+        try:
+            return self._train_group(global_params, tasks)
+        except Exception as err:  # a lockstep group fails as a whole; the server judges what to do
+            return [failed_result(task, global_params, err) for task in tasks]
 
     def close(self) -> None:
         """Nothing to release; present for the engine interface."""

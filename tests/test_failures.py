@@ -1,0 +1,126 @@
+"""Clients that raise or send NaN, a diverging run, and tracking that fails: the run is never lost."""
+
+import math
+import socket
+import time
+
+import pytest
+import torch
+from conftest import SMALL, mlflow_client, run_cli
+
+import flexp.engine.threads as threads
+from flexp.client import LocalSpec
+from flexp.config import DatasetConfig, FLConfig, TrackingConfig
+from flexp.data import load_dataset
+from flexp.fedavg import ClientFailure, Conditions, run_fedavg
+from flexp.models import build_model
+from flexp.partition import natural
+from flexp.strategy.fedavg import FedAvg
+
+SYNTH = DatasetConfig(name="synthetic", users=12, alpha=0.5, beta=0.5, seed=1)
+FL = FLConfig(clients=12, fraction=0.5, local_epochs=1, batch_size=10, lr=0.05, rounds=6, eval_every=1,
+              target_accuracy=None, stop_at_target=False)
+
+
+class Recording(FedAvg):
+    def __init__(self) -> None:
+        self.clients: list[int] = []
+
+    def aggregate(self, global_params, params, num_samples):
+        self.clients.append(len(params))
+        return super().aggregate(global_params, params, num_samples)
+
+
+@pytest.fixture
+def flaky(monkeypatch):
+    """Client 3 raises on every other round it is sampled in; client 5 sends NaN weights."""
+    calls = {3: 0}
+    real = threads.local_sgd
+
+    def local_sgd(model, x, y, task, spec):
+        if task.client == 3:
+            calls[3] += 1
+            if calls[3] % 2 == 0:
+                raise RuntimeError("disk on fire")
+        result = real(model, x, y, task, spec)
+        if task.client == 5:
+            result = type(result)(result.client, torch.full_like(result.params, math.nan), result.num_samples,
+                                  result.loss, result.steps)
+        return result
+
+    monkeypatch.setattr(threads, "local_sgd", local_sgd)
+    return calls
+
+
+def _run(policy: str, strategy=None):
+    data = load_dataset(SYNTH)
+    torch.manual_seed(0)
+    model = build_model("logreg", data.input_shape, data.num_classes)
+    engine = threads.ThreadEngine(lambda: build_model("logreg", data.input_shape, data.num_classes), data.train,
+                                  LocalSpec(1, 10, FL.lr), workers=2)
+    return run_fedavg(model, natural(data.train_groups, 12), data.test, FL, engine, 3, strategy=strategy,
+                      conditions=Conditions(on_client_error=policy))
+
+
+def test_failed_clients_are_left_out_counted_and_training_goes_on(flaky, caplog):
+    recording = Recording()
+    result = _run("drop", recording)
+    failed = [r.failed_clients for r in result.history]
+    assert flaky[3] >= 2 and sum(failed) > 0
+    assert [r.clients for r in result.history] == recording.clients
+    assert all(r.clients + r.failed_clients == 6 for r in result.history)
+    assert bool(torch.isfinite(result.params).all()) and len(result.history) == FL.rounds
+    assert "disk on fire" in caplog.text and "NaN or infinite weights" in caplog.text
+
+
+def test_abort_policy_stops_at_the_first_failed_client(flaky):
+    with pytest.raises(ClientFailure, match="client (3|5) failed"):
+        _run("abort")
+
+
+def test_divergence_ends_the_run_failed_in_one_line_and_keeps_the_last_good_checkpoint(store):
+    proc = run_cli([*SMALL, "fl.lr=1e37", "fl.rounds=4"], store)
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "diverged" in lines[0] and "last good checkpoint" in lines[0], proc.stderr
+    client = mlflow_client(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("flexp").experiment_id])
+    assert run.info.status == "FAILED"
+    from flexp import checkpoint
+
+    (saved,) = [checkpoint.load(p.parent) for p in (store / "outputs").rglob(checkpoint.FILE)]
+    assert bool(torch.isfinite(saved.state.params).all()) and saved.state.round >= 1
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_tracking_server_is_one_line_at_start(store):
+    proc = run_cli([*SMALL, f"tracking.uri=http://127.0.0.1:{_closed_port()}"], store, timeout=120)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "tracking.uri=http://127.0.0.1" in lines[0], proc.stderr
+
+
+def test_tracking_that_dies_mid_run_does_not_stop_training(tmp_path, caplog):
+    from flexp.writer import TrackingWriter
+
+    writer = TrackingWriter(TrackingConfig(uri=f"sqlite:///{tmp_path / 'm.db'}", experiment="t", log_model=False))
+    writer.resume_hint = "To log the rest later: python -m flexp resume=DIR"
+    run_id = writer.start("r", {})
+    writer.log_metrics({"loss": 1.0}, step=1)
+    client = mlflow_client(tmp_path).__class__(f"sqlite:///{tmp_path / 'm.db'}")
+    deadline = time.time() + 30
+    while not client.get_metric_history(run_id, "loss") and time.time() < deadline:
+        time.sleep(0.1)
+    writer.proc.kill()
+    writer.proc.wait()
+    for step in range(2, 5):
+        writer.log_metrics({"loss": 1.0}, step=step)
+    writer.finish()
+    assert writer.failure is not None
+    assert "resume=DIR" in caplog.text and "nothing logged so far is lost" in caplog.text
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1]
