@@ -30,7 +30,7 @@ def one_try(overrides: list[str]) -> float:
         for line in proc.stdout:
             if line.startswith("round 1/"):
                 elapsed = time.perf_counter() - start
-                proc.kill()
+                proc.terminate()  # SIGTERM: the job ends its run KILLED and waits for its tracking writer
                 proc.wait()
                 return elapsed - float(re.search(r"([0-9.]+)s\s*$", line).group(1))
         raise RuntimeError(f"no round finished (exit {proc.wait()})")

@@ -12,7 +12,7 @@ MODES = ("federated", "baseline")
 DATASETS = ("mnist", "synthetic")
 MODELS = ("2nn", "cnn", "logreg")
 PARTITIONS = ("iid", "shards", "dirichlet", "natural")
-ENGINES = ("auto", "threads", "vectorized")
+ENGINES = ("auto", "threads", "vectorized", "ray")
 DEVICES = ("cpu", "cuda")
 STRATEGIES = ("fedavg", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "median",
               "trimmed_mean", "krum", "multikrum")
@@ -101,6 +101,9 @@ class EngineConfig:
     group_size: int | None = None
     device: str = "cpu"
     on_client_error: str = "drop"
+    address: str = "local"
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -318,6 +321,9 @@ def _engine(tree: Mapping[str, Any]) -> EngineConfig:
         group_size=s.integer("group_size", low=1, optional=True, default=None),
         device=s.choice("device", DEVICES, default="cpu"),
         on_client_error=s.choice("on_client_error", ("drop", "abort"), default="drop"),
+        address=s.text("address", default="local"),
+        num_cpus=s.number("num_cpus", low=0.0, default=1.0),
+        num_gpus=s.number("num_gpus", low=0.0, default=0.0),
     )
 
 

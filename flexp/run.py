@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -109,7 +110,8 @@ def train(cfg: ExperimentConfig, ready: Prepared, on_record: Callable[[RoundReco
         return run_baseline(ready.model, ready.data.train, ready.data.test, cfg.baseline, cfg.seed,
                             cfg.fl.target_accuracy, on_record)
     spec = LocalSpec(cfg.fl.local_epochs, cfg.fl.batch_size, cfg.fl.lr, cfg.strategy.mu)
-    engine = make_engine(cfg.engine, lambda: new_model(cfg, ready.data), ready.data.train, spec, ready.device)
+    make_model = partial(build_model, cfg.model.name, ready.data.input_shape, ready.data.num_classes, cfg.model.hidden)
+    engine = make_engine(cfg.engine, make_model, ready.data.train, spec, ready.device)
     try:
         strategy = make_strategy(cfg.strategy, cfg.fl.clients, cfg.fl.lr)
         conditions = Conditions(cfg.clients, cfg.attack, cfg.data, cfg.engine.on_client_error)

@@ -28,6 +28,10 @@ def make_engine(cfg: EngineConfig, make_model: Callable[[], nn.Module], train: S
                 device: torch.device):
     """Build the configured engine (after resolving `auto`)."""
     name = choose_engine(cfg.name, make_model(), device)
+    if name == "ray":
+        from flexp.engine.ray_tasks import RayEngine
+
+        return RayEngine(make_model, train, spec, cfg.address, cfg.num_cpus, cfg.num_gpus)
     if name == "vectorized":
         from flexp.engine.vectorized import VectorizedEngine
 

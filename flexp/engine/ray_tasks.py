@@ -1,0 +1,66 @@
+"""Client updates as Ray tasks: the same ClientUpdate as the thread engine, on a local Ray instance or a cluster.
+
+The training split is put in Ray's object store once, the global weights once per round; each task builds its
+replica, trains on one intra-op thread (as the thread engine does) and returns its result, so the round's results,
+taken in task order, equal the thread engine's bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from flexp.client import ClientResult, ClientTask, LocalSpec, failed_result, local_sgd
+from flexp.config import ConfigError
+from flexp.data import Split
+
+
+def import_ray() -> Any:
+    """Ray, or a ConfigError with the install hint (it is an optional extra)."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("engine", "ray", 'needs Ray: pip install -e ".[ray]"') from None
+    return ray
+
+
+def client_update(make_model: Callable[[], nn.Module], train: Split, global_params: torch.Tensor, task: ClientTask,
+                  spec: LocalSpec) -> ClientResult:
+    """One client's ClientUpdate inside a Ray worker, on one intra-op thread."""
+    from flexp.engine.cnn_kernel import replica_for
+
+    torch.set_num_threads(1)
+    replica = replica_for(make_model().train())
+    try:
+        replica.load(global_params)
+        return local_sgd(replica, train.x, train.y, task, spec)
+    except Exception as err:
+        return failed_result(task, global_params, err)
+
+
+class RayEngine:
+    """Runs each sampled client as a Ray task with `num_cpus`/`num_gpus` each; results come back in task order."""
+
+    def __init__(self, make_model: Callable[[], nn.Module], train: Split, spec: LocalSpec, address: str = "local",
+                 num_cpus: float = 1.0, num_gpus: float = 0.0) -> None:
+        ray = import_ray()
+        self.ray, self.make_model, self.spec = ray, make_model, spec
+        self.started_here = not ray.is_initialized()
+        if self.started_here:
+            ray.init(address=None if address == "local" else address, include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)
+        self.train_ref = ray.put(Split(train.x.cpu(), train.y.cpu()))
+        self.remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(client_update)
+
+    def run_round(self, global_params: torch.Tensor, tasks: Sequence[ClientTask]) -> list[ClientResult]:
+        """Train every task's client from `global_params` (put in the object store once for the round)."""
+        params_ref = self.ray.put(global_params.cpu())
+        futures = [self.remote.remote(self.make_model, self.train_ref, params_ref, task, self.spec) for task in tasks]
+        return self.ray.get(futures)
+
+    def close(self) -> None:
+        if self.started_here:
+            self.ray.shutdown()
