@@ -108,3 +108,27 @@ def test_report_by_experiment_plots_fedavg_against_a_centralized_baseline(store)
     table = pd.read_csv(out / "table.csv")
     assert len(table) == 2 and set(table["fl.fraction"]) == {0.2, 1.0}
     assert (out / "baseline.png").stat().st_size > 0
+
+
+def test_submitit_launcher_runs_a_sweep_as_children_of_one_parent(store):
+    """The launcher plugin behind hydra/launcher=slurm, run through submitit's local executor."""
+    proc = run_cli(["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", *SMALL,
+                    "tracking.log_model=false", "fl.fraction=0.2,0.5"], store, timeout=400)
+    assert proc.returncode == 0, proc.stderr
+    client = mlflow_client(store)
+    runs = client.search_runs([client.get_experiment_by_name("flexp").experiment_id])
+    children = [r for r in runs if r.data.tags.get("flexp.sweep_parent") != "true"]
+    assert len(runs) == 3 and len(children) == 2
+    assert len({r.data.tags["mlflow.parentRunId"] for r in children}) == 1
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_slurm_launcher_preset_composes():
+    from hydra import compose, initialize_config_dir
+
+    from flexp.__main__ import CONF_DIR
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", ["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu" and launcher.cpus_per_task == 4
