@@ -127,3 +127,17 @@ def test_fedprox_agrees_across_engines_and_pulls_clients_towards_the_global_mode
     assert torch.equal(plain, same)
     assert (prox - start).norm() < (plain - start).norm()
     assert (prox_vec - prox).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("model_name", ["2nn", "logreg"])
+def test_vectorized_mlp_result_does_not_depend_on_the_worker_count(mnist_small, model_name):
+    labels = mnist_small.train.y.numpy()
+    parts = _unequal(shards(labels, CLIENTS, 2, 1))
+    fl = FLConfig(clients=CLIENTS, fraction=1.0, local_epochs=2, batch_size=10, lr=0.05, rounds=2, eval_every=2,
+                  target_accuracy=None, stop_at_target=False)
+    for group_size in (None, 1, 4):
+        alone = _train(VectorizedEngine, model_name, mnist_small, parts, fl, workers=1, group_size=group_size)
+        for workers in (2, 3):
+            parallel = _train(VectorizedEngine, model_name, mnist_small, parts, fl, workers=workers,
+                              group_size=group_size)
+            assert torch.equal(parallel, alone), (group_size, workers)

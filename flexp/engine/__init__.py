@@ -35,7 +35,7 @@ def make_engine(cfg: EngineConfig, make_model: Callable[[], nn.Module], train: S
     if name == "vectorized":
         from flexp.engine.vectorized import VectorizedEngine
 
-        return VectorizedEngine(make_model, train, spec, cfg.group_size, device)
+        return VectorizedEngine(make_model, train, spec, cfg.group_size, device, cfg.workers)
     from flexp.engine.threads import ThreadEngine
 
     return ThreadEngine(make_model, train, spec, cfg.workers, device)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from flexp.client import ClientResult, ClientTask, LocalSpec, epoch_orders, failed_result, local_steps
 from flexp.data import Split
 from flexp.engine.batched_mlp import BatchedMLP, mlp_layers
+from flexp.engine.threads import intra_op_threads
 
 
 @dataclass(frozen=True)
@@ -79,11 +81,14 @@ class VectorizedEngine:
     """
 
     def __init__(self, make_model: Callable[[], nn.Module], train: Split, spec: LocalSpec,
-                 group_size: int | None = None, device: torch.device | str = "cpu") -> None:
+                 group_size: int | None = None, device: torch.device | str = "cpu", workers: int = 1) -> None:
         self.train, self.spec, self.group_size = train, spec, group_size
         self.device = torch.device(device)
         self.model = make_model().to(self.device).train()
         self.layers = mlp_layers(self.model)
+        parallel = workers > 1 and self.layers is not None and self.device.type == "cpu"
+        self.workers = workers if parallel else 1
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="flexp-group") if parallel else None
         self.flat_x = train.x.reshape(len(train), -1) if self.layers else train.x
         self.names = [name for name, _ in self.model.named_parameters()]
         self.shapes = [p.shape for _, p in self.model.named_parameters()]
@@ -146,9 +151,21 @@ class VectorizedEngine:
                              local_steps(sizes[k], self.spec.batch_size, epochs[k])) for k, task in enumerate(tasks)]
 
     def run_round(self, global_params: torch.Tensor, tasks: Sequence[ClientTask]) -> list[ClientResult]:
-        """Train every task's client from `global_params`; results in task order."""
-        size = self.group_size or len(tasks)
-        return [r for i in range(0, len(tasks), size) for r in self._guarded(global_params, tasks[i:i + size])]
+        """Train every task's client from `global_params`; results in task order.
+
+        On the CPU every group runs on one intra-op thread, and MLP groups (by default the sampled clients in two
+        halves) run in parallel on `workers` threads, which also degrades gracefully under CPU contention where
+        intra-op threads stall. Groups depend on the config alone, so the result never depends on thread counts.
+        """
+        halves = self.layers is not None and self.device.type == "cpu"
+        size = self.group_size or (math.ceil(len(tasks) / 2) if halves else len(tasks))
+        groups = [tasks[i:i + size] for i in range(0, len(tasks), size)]
+        if self.device.type != "cpu":
+            return [r for group in groups for r in self._guarded(global_params, group)]
+        with intra_op_threads(1):  # kernels round differently with different thread counts
+            if self.pool is None:
+                return [r for group in groups for r in self._guarded(global_params, group)]
+            return [r for out in self.pool.map(lambda g: self._guarded(global_params, g), groups) for r in out]
 
     def _guarded(self, global_params: torch.Tensor, tasks: Sequence[ClientTask]) -> list[ClientResult]:
         try:
@@ -157,4 +174,5 @@ class VectorizedEngine:
             return [failed_result(task, global_params, err) for task in tasks]
 
     def close(self) -> None:
-        """Nothing to release; present for the engine interface."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
