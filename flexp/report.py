@@ -108,7 +108,9 @@ def build_table(runs: pd.DataFrame,
                 accs: Mapping[str, list[tuple[int, float]]]) -> tuple[pd.DataFrame, list[str], dict]:
     """One row per run (in job order): the config keys that vary, the results, the paper's number; plus the
     varying keys and the sweep's reference setting."""
-    params = {k: runs.get(f"params.{k}") for k in KEYS if f"params.{k}" in runs}
+    swept = [c[len("params."):] for c in runs.columns if c.startswith("params.") and not c.startswith("params.report.")
+             and c[len("params."):] not in KEYS and runs[c].nunique(dropna=False) > 1]
+    params = {k: runs.get(f"params.{k}") for k in (*KEYS, *sorted(swept)) if f"params.{k}" in runs}
     frame = pd.DataFrame({k: v.values for k, v in params.items()})
     frame.insert(0, "run_id", runs["run_id"].values)
     if "tags.flexp.job_num" in runs:
@@ -137,8 +139,11 @@ def markdown(frame: pd.DataFrame, varying: list[str], target: float | None) -> s
                    "paper"]].copy()
     if "fl.batch_size" in shown:
         shown["fl.batch_size"] = shown["fl.batch_size"].map(lambda b: shown_value("fl.batch_size", b))
-    shown = shown.rename(columns={"rounds_to_target_interp": f"rounds to {target:g}" if target else "rounds to target",
-                                  "paper": "paper"}).dropna(axis=1, how="all")
+    reached = f"rounds to {target:g}" if target else "rounds to target"
+    shown = shown.rename(columns={"rounds_to_target_interp": reached})
+    shown = shown[[c for c in shown.columns if shown[c].notna().any() or (c == reached and target)]]
+    for key in varying:
+        shown[key] = shown[key].map(lambda v: "—" if pd.isna(v) else v)
     for col in ("best_accuracy", "final_accuracy"):
         shown[col] = shown[col].map(lambda v: f"{v:.4f}" if pd.notna(v) else "")
     for col in [c for c in shown.columns if c.startswith("rounds to")]:
