@@ -156,7 +156,7 @@ def flexp_loop(name: str, engine_name: str, data, parts, rounds: int, init: nn.M
     spec = LocalSpec(cfg["local_epochs"], cfg["batch_size"], cfg["lr"])
     make = lambda: copy.deepcopy(init)  # noqa: E731
     engine = (ThreadEngine(make, data.train, spec, 2, device) if engine_name == "threads"
-              else VectorizedEngine(make, data.train, spec, device=device))
+              else VectorizedEngine(make, data.train, spec, device=device, workers=2))
     timed = Timed(engine, device)
     fl = FLConfig(CLIENTS, FRACTION, cfg["local_epochs"], cfg["batch_size"], cfg["lr"], rounds, 1, None, False)
     result = run_fedavg(copy.deepcopy(init).to(device), parts, data.test, fl, timed, SEED)
