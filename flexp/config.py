@@ -337,9 +337,13 @@ def _strategy(tree: Mapping[str, Any]) -> StrategyConfig:
     if "strategy" not in tree:
         return StrategyConfig()
     s = _Section(tree, "strategy")
+    name, mu = s.choice("name", STRATEGIES), s.number("mu", low=0.0, default=0.0)
+    if mu and name != "fedprox":
+        raise ConfigError("strategy.mu", mu, f"is FedProx's proximal weight; strategy={name} does not use it "
+                                             "(choose strategy=fedprox)")
     return StrategyConfig(
-        name=s.choice("name", STRATEGIES),
-        mu=s.number("mu", low=0.0, default=0.0),
+        name=name,
+        mu=mu,
         server_lr=s.number("server_lr", low=0.0, strict_low=True, default=1.0),
         momentum=s.number("momentum", low=0.0, high=1.0, default=0.9),
         beta1=s.number("beta1", low=0.0, high=1.0, default=0.9),

@@ -27,6 +27,7 @@ CASES = [
     (["strategy=fedsgd"], "strategy"),
     (["strategy=trimmed_mean", "strategy.trim=0.7"], "strategy.trim"),
     (["attack.name=poison"], "attack.name"),
+    (["strategy.mu=0.5"], "strategy.mu"),
     (["attack.fraction=1.2"], "attack.fraction"),
     (["data.arrival=sometimes"], "data.arrival"),
     (["data.arrival_start=0"], "data.arrival_start"),
