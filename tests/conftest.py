@@ -46,3 +46,16 @@ def mlflow_client(cwd: Path):
     uri = f"sqlite:///{cwd / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     return MlflowClient(tracking_uri=uri)
+
+
+class Recording:
+    """A FedAvg server step that remembers the sample counts it was given each round."""
+
+    def __init__(self) -> None:
+        self.weights: list[list[int]] = []
+
+    def aggregate(self, global_params, params, num_samples):
+        from flexp.strategy.fedavg import FedAvg
+
+        self.weights.append(list(num_samples))
+        return FedAvg().aggregate(global_params, params, num_samples)

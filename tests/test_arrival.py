@@ -1,6 +1,7 @@
 """Clients obtaining new data: the schedules, and round weights that follow what each client holds."""
 
 import torch
+from conftest import Recording
 
 from flexp.arrival import held, held_fraction
 from flexp.client import LocalSpec
@@ -10,7 +11,6 @@ from flexp.engine.vectorized import VectorizedEngine
 from flexp.fedavg import Conditions, heterogeneity, run_fedavg, sample_clients
 from flexp.models import build_model
 from flexp.partition import natural
-from flexp.strategy.fedavg import FedAvg
 
 
 def test_schedules_by_hand():
@@ -19,17 +19,6 @@ def test_schedules_by_hand():
     assert held_fraction("none", 1, 0.1, 4) == 1.0
     assert torch.equal(held(torch.arange(10, 20), 0.25), torch.arange(10, 13))
     assert len(held(torch.arange(5), 0.01)) == 1
-
-
-class Recording(FedAvg):
-    """FedAvg that remembers the sample counts it was given each round."""
-
-    def __init__(self) -> None:
-        self.weights: list[list[int]] = []
-
-    def aggregate(self, global_params, params, num_samples):
-        self.weights.append(list(num_samples))
-        return super().aggregate(global_params, params, num_samples)
 
 
 def test_round_weights_are_what_returning_clients_hold_that_round():

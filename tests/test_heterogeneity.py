@@ -1,6 +1,7 @@
 """Client dropout and stragglers: seeded, logged, and aggregation weights are the n_k of clients that returned."""
 
 import torch
+from conftest import Recording
 
 from flexp.client import LocalSpec
 from flexp.config import ClientsConfig, DatasetConfig, FLConfig
@@ -11,20 +12,8 @@ from flexp.fedavg import Conditions, heterogeneity, run_fedavg, sample_clients
 from flexp.flat import flat_parameters
 from flexp.models import build_model
 from flexp.partition import natural
-from flexp.strategy.fedavg import FedAvg
 
 SYNTH = DatasetConfig(name="synthetic", users=12, alpha=0.5, beta=0.5, seed=1)
-
-
-class Recording(FedAvg):
-    """FedAvg that remembers the sample counts it was given each round."""
-
-    def __init__(self) -> None:
-        self.weights: list[list[int]] = []
-
-    def aggregate(self, global_params, params, num_samples):
-        self.weights.append(list(num_samples))
-        return super().aggregate(global_params, params, num_samples)
 
 
 def _fl(**changes) -> FLConfig:
