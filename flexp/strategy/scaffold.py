@@ -43,7 +43,7 @@ class Scaffold:
         if self.c is None:
             self.c = torch.zeros_like(global_params, dtype=torch.float64)
         own = self.c_i.get(client)
-        return (self.c if own is None else self.c - own).to(global_params.dtype)
+        return (self.c if own is None else self.c - own.double()).to(global_params.dtype)
 
     def aggregate_results(self, global_params: torch.Tensor, results: Sequence[ClientResult]) -> torch.Tensor:
         """Update every returning client's c_i and the server's c, and return the new global weights."""
@@ -51,10 +51,10 @@ class Scaffold:
             self.c = torch.zeros_like(global_params, dtype=torch.float64)
         delta_c = torch.zeros_like(self.c)
         for r in results:
-            old = self.c_i.get(r.client, torch.zeros_like(self.c))
+            old = self.c_i.get(r.client, torch.zeros_like(global_params)).double()
             new = client_control(old, self.c, global_params, r.params, r.steps, self.lr)
             delta_c += new - old
-            self.c_i[r.client] = new
+            self.c_i[r.client] = new.to(global_params.dtype)  # K of them: kept in the model's dtype
         new_global = server_step(global_params, [r.params for r in results], [r.num_samples for r in results],
                                  self.server_lr)
         self.c = self.c + delta_c / self.num_clients
