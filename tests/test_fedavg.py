@@ -1,7 +1,9 @@
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
+from rounding import assert_same_sgd, chained_reductions, longest_sum
 
 from flexp.client import LocalSpec
 from flexp.config import DatasetConfig, FLConfig
@@ -34,6 +36,7 @@ def _run(model_name: str, fl: FLConfig, parts, workers: int, data):
         engine.close()
 
 
+@pytest.mark.engines
 def test_one_fedavg_round_equals_one_full_batch_gradient_step():
     data = load_dataset(SYNTH)
     fl = _fl(fraction=1.0, local_epochs=1, batch_size=None, rounds=1, lr=0.3)
@@ -49,7 +52,8 @@ def test_one_fedavg_round_equals_one_full_batch_gradient_step():
     result, _ = _run("2nn", fl, parts, workers=2, data=data)
     expected = flat_parameters(reference)
     assert not torch.allclose(flat_parameters(start), expected)
-    assert (result.params - expected).abs().max() < 1e-5
+    assert_same_sgd(result.params, expected, flat_parameters(start), 1,
+                    longest_sum("2nn", data.input_shape, len(data.train)), chained_reductions("2nn"))
 
 
 def test_final_weights_do_not_depend_on_worker_count():

@@ -1,7 +1,9 @@
 """Client dropout and stragglers: seeded, logged, and aggregation weights are the n_k of clients that returned."""
 
+import pytest
 import torch
 from conftest import Recording
+from rounding import assert_same_sgd, chained_reductions, longest_sum, most_steps
 
 from flexp.client import LocalSpec
 from flexp.config import ClientsConfig, DatasetConfig, FLConfig
@@ -64,10 +66,12 @@ def test_a_round_where_every_client_drops_keeps_the_model_and_goes_on():
     assert result.history[-1].test_accuracy is not None
 
 
+@pytest.mark.engines
 def test_stragglers_train_the_same_in_both_engines():
     clients = ClientsConfig(stragglers=1.0)
-    threads, _, _ = _run(_fl(rounds=2), clients, ThreadEngine, workers=2)
+    threads, parts, start = _run(_fl(rounds=2), clients, ThreadEngine, workers=2)
     vectorized, _, _ = _run(_fl(rounds=2), clients, VectorizedEngine)
     full, _, _ = _run(_fl(rounds=2), ClientsConfig(), ThreadEngine, workers=2)
-    assert (threads.params - vectorized.params).abs().max() < 1e-5
+    assert_same_sgd(vectorized.params, threads.params, start, most_steps(parts, 10, 3, 2),
+                    longest_sum("2nn", (60,), 10), chained_reductions("2nn"))
     assert not torch.allclose(threads.params, full.params)

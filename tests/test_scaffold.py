@@ -1,6 +1,8 @@
 """SCAFFOLD: option II control variates by hand, FedAvg on round one, and the same result in both engines."""
 
+import pytest
 import torch
+from rounding import assert_same_sgd, chained_reductions, longest_sum, most_steps
 
 from flexp.client import ClientResult, LocalSpec
 from flexp.config import DatasetConfig, FLConfig
@@ -8,6 +10,7 @@ from flexp.data import load_dataset
 from flexp.engine.threads import ThreadEngine
 from flexp.engine.vectorized import VectorizedEngine
 from flexp.fedavg import run_fedavg
+from flexp.flat import flat_parameters
 from flexp.models import build_model
 from flexp.partition import natural
 from flexp.strategy.fedavg import FedAvg
@@ -56,7 +59,13 @@ def test_round_one_with_zero_control_variates_is_fedavg_and_later_rounds_differ(
     assert not torch.allclose(later.params, _run(lambda fl: FedAvg(), ThreadEngine, 3, workers=2).params)
 
 
+@pytest.mark.engines
 def test_scaffold_trains_the_same_in_both_engines():
     threads = _run(lambda fl: Scaffold(12, fl.lr), ThreadEngine, 3, workers=2)
     vectorized = _run(lambda fl: Scaffold(12, fl.lr), VectorizedEngine, 3)
-    assert (threads.params - vectorized.params).abs().max() < 1e-5
+    data = load_dataset(SYNTH)
+    torch.manual_seed(0)
+    start = flat_parameters(build_model("2nn", data.input_shape, data.num_classes, hidden=32))
+    steps = most_steps(natural(data.train_groups, 12), 10, 2, 3)
+    assert_same_sgd(vectorized.params, threads.params, start, steps, longest_sum("2nn", data.input_shape, 10),
+                    chained_reductions("2nn"))
