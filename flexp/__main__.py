@@ -1,4 +1,4 @@
-"""`python -m flexp [+experiment=NAME] [key=value ...]`: one job, or a sweep with -m."""
+"""`flexp` / `python -m flexp [+experiment=NAME] [key=value ...]`: one job, or a sweep with -m."""
 
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from flexp.config import ConfigError, ExperimentConfig, check_key, parse_config
+from flexp.searchpath import CONF_DIR, group_options, search_dirs, with_sweeps_on_search_path
 
 if TYPE_CHECKING:
     from flexp.checkpoint import Checkpoint
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-SWEEPS_DIR = CONF_DIR.parent / "sweeps"
 GROUPS = ("dataset", "model", "partition", "engine", "tracking", "experiment", "sweep", "strategy")
+PRESETS = ("experiment", "sweep")
+OWN_PRIMARY_FLAGS = ("--config-name", "-cn", "--config-path", "-cp")
 log = logging.getLogger("flexp")
 
 
@@ -28,8 +29,11 @@ def fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def check_group_choices(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
-    """Reject `group=option` overrides that name no config file, before Hydra prints a page about it."""
+def check_group_choices(argv: list[str]) -> None:
+    """Reject `group=option` overrides that name no config file in any search-path dir, and presets without
+    their `+`, before Hydra prints a page about it."""
+    dirs = search_dirs(argv)
+    flexp_primary = not any(a.partition("=")[0] in OWN_PRIMARY_FLAGS for a in argv)
     for arg in argv:
         name, sep, value = arg.lstrip("+~").partition("=")
         if sep and "." in name and not arg.startswith(("+", "~", "hydra.")):
@@ -39,8 +43,9 @@ def check_group_choices(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
                 fail(str(err))
         if not sep or name not in GROUPS or "(" in value:
             continue
-        folder = (SWEEPS_DIR if name == "sweep" else conf_dir) / name
-        known = sorted(p.stem for p in folder.glob("*.yaml"))
+        if name in PRESETS and arg == f"{name}={value}" and flexp_primary:
+            fail(f"{arg}: presets are added with a plus: +{arg}")
+        known = group_options(name, dirs)
         for option in value.split(","):
             if option and option not in known:
                 fail(f"{name}={option!r}: unknown {name}; choose one of {', '.join(known)}")
@@ -74,16 +79,24 @@ def sweep_tags() -> dict[str, str]:
     return tags
 
 
-def with_sweeps_on_search_path(argv: list[str]) -> list[str]:
-    """Add sweeps/ to Hydra's config search path (so `+sweep=table1` resolves) unless the user set one.
+def usage(dirs: list[Path]) -> str:
+    """flexp's own part of `--help`: the commands, and the presets and sweeps found on the search path."""
+    presets, sweeps = (", ".join(group_options(g, dirs)) or "(none)" for g in PRESETS)
+    return f"""flexp: federated-learning experiments (FedAvg, McMahan et al. 2017) from Hydra configs, logged to MLflow.
 
-    It goes beside the other overrides, since Hydra's parser wants them in one run (`-m a=1 --cfg job` both work).
-    """
-    if any(a.lstrip("+").startswith("hydra.searchpath=") for a in argv):
-        return argv
-    extra = f"hydra.searchpath=[file://{SWEEPS_DIR}]"
-    first = next((i for i, a in enumerate(argv) if "=" in a and not a.startswith("-")), len(argv))
-    return [*argv[:first], extra, *argv[first:]]
+Usage (`flexp` is the same command as `python -m flexp`):
+  python -m flexp [group=option] [key=value ...]          one job (e.g. model=2nn fl.rounds=50)
+  python -m flexp +experiment=PRESET [key=value ...]      a preset job
+  python -m flexp -m +experiment=PRESET +sweep=SWEEP      a sweep: one job per grid point (or a,b,c values)
+  python -m flexp resume=<output dir | MLflow run id>     continue a stopped job from its last checkpoint
+  python -m flexp.report <sweep id | experiment>          a sweep's table and plots from MLflow
+  python -m flexp --cfg job [overrides]                   print the composed config, run nothing
+
+Presets (+experiment=): {presets}
+Sweeps (+sweep=, with -m): {sweeps}
+Your own configs: --config-dir DIR or hydra.searchpath=[file:///DIR]; DIR/experiment/NAME.yaml is +experiment=NAME,
+DIR/model/NAME.yaml is model=NAME.
+"""
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -174,8 +187,16 @@ def interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `flexp` command and `python -m flexp`: check the command line in one line each, then run Hydra."""
+    argv = sys.argv[1:]
     interrupt_on_sigterm()
-    check_group_choices(sys.argv[1:])
-    sys.argv[1:] = with_sweeps_on_search_path(forcing_known_keys(sys.argv[1:]))
+    check_group_choices(argv)
+    if "--help" in argv or "-h" in argv:
+        print(usage(search_dirs(argv)))
+    sys.argv[1:] = with_sweeps_on_search_path(forcing_known_keys(argv))
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -49,3 +49,40 @@ def test_bad_value_exits_2_with_one_line_naming_the_key(store, overrides, key):
 
         with sqlite3.connect(db) as con:
             assert con.execute("select count(*) from runs").fetchone()[0] == 0
+
+
+def one_error_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """check_group_choices on argv, in-process: it must exit 2 with one stderr line; returns that line."""
+    from flexp.__main__ import check_group_choices
+
+    with pytest.raises(SystemExit) as stop:
+        check_group_choices(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("flexp: error: "), err
+    return err.strip()
+
+
+@pytest.mark.parametrize("arg", ["experiment=mnist_iid", "sweep=table1_quick"])
+def test_a_preset_without_its_plus_is_one_line_saying_so(arg, capsys):
+    assert one_error_line([*SMALL, arg], capsys).endswith(f"{arg}: presets are added with a plus: +{arg}")
+
+
+@pytest.fixture
+def user_dir(tmp_path):
+    """A user's config dir with one model option and one sweep preset."""
+    for group, name in (("model", "wide"), ("sweep", "mine")):
+        (tmp_path / group).mkdir()
+        (tmp_path / group / f"{name}.yaml").write_text("name: 2nn\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("where", ["--config-dir", "hydra.searchpath"])
+def test_unknown_options_are_listed_from_every_search_path_dir(user_dir, where, capsys):
+    from flexp.__main__ import check_group_choices
+
+    dirs = ["-cd", str(user_dir)] if where == "--config-dir" else [f"hydra.searchpath=[file://{user_dir}]"]
+    check_group_choices([*dirs, "model=wide", "+sweep=mine,table1"])
+    assert one_error_line([*dirs, "model=wide,resnet"], capsys).endswith(
+        "model='resnet': unknown model; choose one of 2nn, cnn, logreg, wide")
+    assert "choose one of mine, table1, table1_quick, table2, table2_quick" in one_error_line([*dirs, "+sweep=x"],
+                                                                                             capsys)

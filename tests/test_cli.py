@@ -146,3 +146,30 @@ def test_sweeps_search_path_joins_the_other_overrides(argv):
     parsed = parser.parse_args(with_sweeps_on_search_path(argv))
     assert parsed.overrides[0].startswith("hydra.searchpath=") or parsed.overrides[-1].startswith("hydra.search")
     assert len(parsed.overrides) == 1 + sum("=" in a for a in argv)
+
+
+def test_a_users_searchpath_keeps_flexps_sweeps_on_it():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from flexp.__main__ import with_sweeps_on_search_path
+    from flexp.searchpath import SWEEPS_DIR
+
+    argv = with_sweeps_on_search_path(["-m", "a=1", "hydra.searchpath=[file:///my dir,pkg://mine.conf]", "b=2"])
+    (override,) = [a for a in argv if "searchpath" in a]
+    entries = OverridesParser.create().parse_override(override).value()
+    assert entries == [f"file://{SWEEPS_DIR}", "file:///my dir", "pkg://mine.conf"]
+    assert argv[0] == "-m" and {"a=1", "b=2"} < set(argv) and len(argv) == 4
+
+
+def test_usage_lists_the_presets_and_sweeps_of_every_search_path_dir(tmp_path):
+    from flexp.__main__ import usage
+    from flexp.searchpath import search_dirs
+
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text("# @package _global_\n")
+    text = usage(search_dirs(["--config-dir", str(tmp_path)]))
+    lines = {line.split(":")[0]: line for line in text.splitlines()}
+    assert "mine, mnist_2nn_iid" in lines["Presets (+experiment=)"]
+    assert "table1_quick" in lines["Sweeps (+sweep=, with -m)"]
+    assert "+experiment=" in text and "resume=" in text and "python -m flexp.report" in text
+    assert "mine" not in usage(search_dirs([]))
