@@ -1,21 +1,37 @@
-"""Checkpoints of a federated run: everything needed to continue it bit for bit, written atomically."""
+"""Checkpoints of a federated run: everything needed to continue it bit for bit, written atomically.
+
+On disk a checkpoint is tensors and plain data only (dicts, lists, str, int, float, bool, None), read back with
+torch.load(weights_only=True): a file from someone else may be refused, but nothing in it runs.
+"""
 
 from __future__ import annotations
 
 import os
-import random
+import pickle
 import tempfile
+import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from flexp.config import parse_config
 from flexp.fedavg import RoundRecord, ServerState
+from flexp.strategy import make_strategy, tensors
 
 FILE = "checkpoint.pt"
+FORMAT = "flexp-checkpoint"
+VERSION = 2
+SCALARS = (str, int, float, bool, type(None))
+FIELDS: dict[str, type | tuple[type, ...]] = {"round": int, "params": torch.Tensor, "strategy": dict,
+                                              "history": list, "run_id": (str, type(None)), "config": dict,
+                                              "rng": dict}
+
+
+class CheckpointError(ValueError):
+    """A file that is not a checkpoint this flexp can continue; the message is one line."""
 
 
 @dataclass
@@ -28,29 +44,70 @@ class Checkpoint:
     rng: dict[str, Any] = field(default_factory=dict)
 
 
-def rng_states() -> dict[str, Any]:
-    """The global torch, NumPy and Python RNG states."""
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+def rng_states() -> dict[str, torch.Tensor]:
+    """The global torch RNG state. NumPy's and Python's global RNGs are not kept: flexp draws nothing from them
+    (sampling, batch orders and attacks use generators seeded by seed, round and client)."""
+    return {"torch": torch.get_rng_state()}
 
 
 def restore_rng(states: Mapping[str, Any]) -> None:
     """Put back what rng_states() took."""
     if "torch" in states:
         torch.set_rng_state(states["torch"])
-    if "numpy" in states:
-        np.random.set_state(states["numpy"])
-    if "python" in states:
-        random.setstate(states["python"])
+
+
+def is_plain(value: Any) -> bool:
+    """True for tensors and plain data all the way down: what torch.load(weights_only=True) reads back."""
+    if type(value) is dict:
+        return all(type(k) in (str, int) and is_plain(v) for k, v in value.items())
+    if type(value) in (list, tuple):
+        return all(is_plain(v) for v in value)
+    return type(value) in SCALARS or isinstance(value, torch.Tensor)
+
+
+def to_payload(checkpoint: Checkpoint) -> dict[str, Any]:
+    """The checkpoint as one dict of tensors and plain data, tagged with the format and its version."""
+    state = checkpoint.state
+    payload = {"format": FORMAT, "version": VERSION, "round": state.round, "params": state.params,
+               "strategy": state.strategy.state_dict(), "history": [asdict(r) for r in state.history],
+               "run_id": checkpoint.run_id, "config": dict(checkpoint.config), "rng": dict(checkpoint.rng)}
+    if not is_plain(payload):
+        raise TypeError("a checkpoint holds only tensors and plain data; the strategy state or config has more")
+    return payload
+
+
+def from_payload(payload: Any) -> Checkpoint:
+    """The Checkpoint a loaded payload describes, its strategy rebuilt from its config; CheckpointError if none."""
+    if type(payload) is not dict or payload.get("format") != FORMAT:
+        raise CheckpointError(f"not a flexp checkpoint (no format={FORMAT!r} entry)")
+    if payload.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint format version {payload.get('version')!r}; this flexp reads {VERSION}")
+    bad = [key for key, kind in FIELDS.items() if not isinstance(payload.get(key), kind)]
+    if bad:
+        raise CheckpointError(f"flexp checkpoint entries {bad} are missing or of the wrong type")
+    try:
+        history = [RoundRecord(**record) for record in payload["history"]]
+        config = parse_config(payload["config"])
+        strategy = make_strategy(config.strategy, config.fl.clients, config.fl.lr)
+        strategy.load_state_dict(payload["strategy"])
+        rng = tensors(payload["rng"], "rng", ("torch",))
+        if "torch" in rng and rng["torch"].dtype != torch.uint8:
+            raise ValueError("rng torch state is not a uint8 tensor")
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"not a checkpoint flexp can continue ({one_line(err)})") from None
+    state = ServerState(payload["round"], payload["params"], strategy, history)
+    return Checkpoint(state, payload["run_id"], payload["config"], rng)
 
 
 def save(directory: Path, checkpoint: Checkpoint) -> Path:
     """Write directory/checkpoint.pt via a temp file, fsync and rename: a crash leaves the old one or the new one."""
+    payload = to_payload(checkpoint)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / FILE
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".checkpoint-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
+            torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -61,8 +118,32 @@ def save(directory: Path, checkpoint: Checkpoint) -> Path:
 
 
 def load(directory: Path) -> Checkpoint:
-    """Read directory/checkpoint.pt (a file this program wrote: it holds pickled flexp objects)."""
-    return torch.load(directory / FILE, weights_only=False)
+    """Read directory/checkpoint.pt with weights_only=True, so nothing in the file executes; CheckpointError (one
+    line) for a file that holds objects, is not a flexp checkpoint or has another format version."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about foreign pickle protocols; the error says enough
+            payload = torch.load(directory / FILE, weights_only=True)
+    except OSError:
+        raise
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"refused: it is not only tensors and plain data ({refusal(err)}); nothing in it ran") \
+            from None
+    except Exception as err:
+        raise CheckpointError(f"not a flexp checkpoint ({one_line(err)})") from None
+    return from_payload(payload)
+
+
+def refusal(err: pickle.UnpicklingError) -> str:
+    """What torch's weights_only unpickler refused, without its boilerplate or its advice to allowlist it."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    line = next((line for line in lines if "nsupported" in line), lines[0] if lines else "unpickling refused")
+    return line.removeprefix("WeightsUnpickler error: ").split(" was not an allowed global")[0].split(". Please")[0]
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as `Type: message` on one line."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
 
 
 def history_rounds(history: list[RoundRecord]) -> list[int]:

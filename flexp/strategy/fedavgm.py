@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 from flexp.aggregate import weighted_average
+from flexp.strategy import tensors
 
 
 def momentum_step(global_params: torch.Tensor, average: torch.Tensor, velocity: torch.Tensor | None,
@@ -29,3 +31,10 @@ class FedAvgM:
         average = weighted_average(params, num_samples)
         new, self.velocity = momentum_step(global_params, average, self.velocity, self.server_lr, self.momentum)
         return new.to(global_params.dtype)
+
+    def state_dict(self) -> dict[str, Any]:
+        """{"velocity": v} once there is one, else {}."""
+        return {} if self.velocity is None else {"velocity": self.velocity}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.velocity = tensors(state, "fedavgm", ("velocity",)).get("velocity")

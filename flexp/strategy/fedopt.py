@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 from flexp.aggregate import weighted_average
+from flexp.strategy import tensors
 
 
 def second_moment(kind: str, v: torch.Tensor, delta: torch.Tensor, beta2: float) -> torch.Tensor:
@@ -37,3 +39,13 @@ class FedOpt:
         self.m = self.beta1 * self.m + (1 - self.beta1) * delta
         self.v = second_moment(self.kind, self.v, delta, self.beta2)
         return (w + self.server_lr * self.m / (self.v.sqrt() + self.tau)).to(global_params.dtype)
+
+    def state_dict(self) -> dict[str, Any]:
+        """{"m": m, "v": v} after the first round, else {}."""
+        return {} if self.m is None else {"m": self.m, "v": self.v}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        moments = tensors(state, f"fed{self.kind}", ("m", "v"))
+        if len(moments) == 1:
+            raise ValueError(f"fed{self.kind} state has only {next(iter(moments))}; it needs both m and v")
+        self.m, self.v = moments.get("m"), moments.get("v")

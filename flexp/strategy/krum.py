@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from flexp.aggregate import weighted_average
-from flexp.strategy import stacked
+from flexp.strategy import Stateless, stacked
 
 
 def krum_scores(params: Sequence[torch.Tensor], byzantine: int) -> torch.Tensor:
@@ -26,7 +26,7 @@ def multi_krum(params: Sequence[torch.Tensor], num_samples: Sequence[int], byzan
     return weighted_average([params[i] for i in chosen], [num_samples[i] for i in chosen])
 
 
-class Krum:
+class Krum(Stateless):
     def __init__(self, byzantine: int = 1, keep: int = 1) -> None:
         self.byzantine, self.keep = byzantine, keep
 

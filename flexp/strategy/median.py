@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from flexp.strategy import stacked
+from flexp.strategy import Stateless, stacked
 
 
 def coordinate_median(params: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -17,7 +17,7 @@ def coordinate_median(params: Sequence[torch.Tensor]) -> torch.Tensor:
     return middle.to(params[0].dtype)
 
 
-class Median:
+class Median(Stateless):
     """Ignores sample counts: every returned client votes once per coordinate."""
 
     def aggregate(self, global_params: torch.Tensor, params: Sequence[torch.Tensor],

@@ -7,12 +7,14 @@ one) and server_lr = 1 the round is FedAvg's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 from flexp.aggregate import weighted_average
 from flexp.client import ClientResult
+from flexp.strategy import tensors
 
 
 def client_control(c_i: torch.Tensor, c: torch.Tensor, x: torch.Tensor, y: torch.Tensor, steps: int,
@@ -64,3 +66,14 @@ class Scaffold:
                   num_samples: Sequence[int]) -> torch.Tensor:
         """The server step alone, for callers without client ids (c is left as it is)."""
         return server_step(global_params, params, num_samples, self.server_lr)
+
+    def state_dict(self) -> dict[str, Any]:
+        """{"c": c (once there is one), "c_i": {client id: c_i}}."""
+        return {"c_i": dict(self.c_i)} | ({} if self.c is None else {"c": self.c})
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        controls = state.get("c_i", {})
+        if not isinstance(controls, Mapping) or not all(type(k) is int and 0 <= k < self.num_clients for k in controls):
+            raise ValueError(f"scaffold state c_i must map client ids 0..{self.num_clients - 1} to tensors")
+        self.c = tensors({k: v for k, v in state.items() if k != "c_i"}, "scaffold", ("c",)).get("c")
+        self.c_i = tensors(controls, "scaffold c_i", list(controls))

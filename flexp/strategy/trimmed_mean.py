@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from flexp.strategy import stacked
+from flexp.strategy import Stateless, stacked
 
 
 def trimmed_mean(params: Sequence[torch.Tensor], beta: float) -> torch.Tensor:
@@ -19,7 +19,7 @@ def trimmed_mean(params: Sequence[torch.Tensor], beta: float) -> torch.Tensor:
     return ordered[cut:k - cut].mean(dim=0).to(params[0].dtype)
 
 
-class TrimmedMean:
+class TrimmedMean(Stateless):
     def __init__(self, beta: float = 0.1) -> None:
         self.beta = beta
 

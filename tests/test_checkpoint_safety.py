@@ -1,0 +1,146 @@
+"""Checkpoints are tensors and plain data: a stateful strategy resumes from one bit for bit, and a file that is not
+a flexp checkpoint (a pickle with a payload, random bytes, another program's torch file) is refused in one line
+without anything in it running."""
+
+import pickle
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import SMALL, run_cli
+from omegaconf import OmegaConf
+
+from flexp import checkpoint
+from flexp.config import parse_config
+from flexp.run import prepare, train
+from flexp.strategy import make_strategy
+
+
+def small_config(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from flexp.__main__ import CONF_DIR
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        tree = OmegaConf.to_container(compose("config", [*SMALL, "fl.rounds=4", *overrides]), resolve=True)
+    tree.pop("hydra", None)
+    return parse_config(tree)
+
+
+class Payload:
+    """Unpickling this opens (creates) `marker`: the proof that a loader ran code from the file."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def _run(cfg, resume=None, on_state=lambda s: None):
+    return train(cfg, prepare(cfg), lambda r: None, resume, on_state)
+
+
+@pytest.mark.parametrize("strategy", ["fedavgm", "fedadam", "scaffold"])
+def test_a_stateful_strategy_resumes_from_a_checkpoint_bit_for_bit(tmp_path, strategy):
+    cfg = small_config(f"strategy={strategy}")
+
+    def save_round_2(state):
+        if state.round == 2:
+            checkpoint.save(tmp_path, checkpoint.Checkpoint(state, "run", cfg.raw, checkpoint.rng_states()))
+
+    whole = _run(cfg, on_state=save_round_2)
+    saved = checkpoint.load(tmp_path)
+    assert saved.state.round == 2 and saved.state.strategy.state_dict()
+    resumed = _run(cfg, resume=saved.state)
+    assert torch.equal(resumed.params, whole.params)
+    assert [r.round for r in resumed.history] == [1, 2, 3, 4]
+    assert resumed.history[:2] == whole.history[:2]
+
+    fresh = make_strategy(cfg.strategy, cfg.fl.clients, cfg.fl.lr)
+    forgetful = _run(cfg, resume=replace(checkpoint.load(tmp_path).state, strategy=fresh))
+    assert not torch.equal(forgetful.params, whole.params), "the strategy's state made no difference to the test"
+
+
+def test_a_checkpoint_is_replaced_atomically(tmp_path):
+    from flexp.fedavg import ServerState
+    from flexp.strategy.fedavg import FedAvg
+
+    raw = small_config().raw
+    checkpoint.save(tmp_path, checkpoint.Checkpoint(ServerState(1, torch.ones(3), FedAvg(), []), "abc", raw))
+    checkpoint.save(tmp_path, checkpoint.Checkpoint(ServerState(2, torch.zeros(3), FedAvg(), []), "abc", raw))
+    assert [p.name for p in tmp_path.iterdir()] == [checkpoint.FILE]
+    assert checkpoint.load(tmp_path).state.round == 2
+
+
+def _write(directory, kind, marker):
+    path = directory / checkpoint.FILE
+    if kind == "pickle":
+        path.write_bytes(pickle.dumps({"format": checkpoint.FORMAT, "x": Payload(marker)}, protocol=2))
+    elif kind == "torch pickle":
+        torch.save({"format": checkpoint.FORMAT, "x": Payload(marker)}, path)
+    elif kind == "random bytes":
+        path.write_bytes(torch.randint(0, 256, (512,), generator=torch.Generator().manual_seed(0),
+                                       dtype=torch.uint8).numpy().tobytes())
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "other torch file":
+        torch.save({"weight": torch.ones(3)}, path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["pickle", "torch pickle", "random bytes", "empty", "other torch file"])
+def test_a_file_that_is_not_a_checkpoint_is_refused_without_running_it(tmp_path, kind):
+    marker = tmp_path / "marker"
+    path = _write(tmp_path, kind, marker)
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        checkpoint.load(tmp_path)
+    assert len(str(info.value).splitlines()) == 1
+    assert not marker.exists()
+    if kind == "pickle":
+        pickle.loads(path.read_bytes())
+    elif kind == "torch pickle":
+        torch.load(path, weights_only=False)
+    assert marker.exists() == ("pickle" in kind), "the payload would not have run anyway"
+
+
+def _real_payload(tmp_path):
+    cfg = small_config("strategy=scaffold", "fl.rounds=1")
+    _run(cfg, on_state=lambda s: checkpoint.save(tmp_path, checkpoint.Checkpoint(s, "r", cfg.raw,
+                                                                               checkpoint.rng_states())))
+    return torch.load(tmp_path / checkpoint.FILE, weights_only=True)
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"version": 1}, "format version 1"),
+    ({"params": [1.0, 2.0]}, "['params']"),
+    ({"history": [{"round": 1}]}, "RoundRecord"),
+    ({"strategy": {"c_i": {"zero": torch.zeros(3)}}}, "client ids"),
+    ({"strategy": {"c": [0.0]}}, "not tensors"),
+    ({"config": {"mode": "federated"}}, "ConfigError"),
+    ({"rng": {"numpy": torch.zeros(3)}}, "unknown entries"),
+])
+def test_a_checkpoint_with_a_wrong_entry_is_refused_in_one_line(tmp_path, change, why):
+    payload = _real_payload(tmp_path) | change
+    torch.save(payload, tmp_path / checkpoint.FILE)
+    with pytest.raises(checkpoint.CheckpointError, match=why.replace("[", r"\[").replace("]", r"\]")) as info:
+        checkpoint.load(tmp_path)
+    assert len(str(info.value).splitlines()) == 1
+
+
+def test_a_checkpoint_holds_only_tensors_and_plain_data(tmp_path):
+    payload = _real_payload(tmp_path)
+    assert checkpoint.is_plain(payload) and payload["version"] == checkpoint.VERSION
+    assert set(payload["strategy"]) == {"c", "c_i"} and all(type(k) is int for k in payload["strategy"]["c_i"])
+    assert not checkpoint.is_plain({"x": Payload(tmp_path / "m")}) and not checkpoint.is_plain({"x": 1j})
+
+
+def test_resume_of_a_tampered_checkpoint_is_one_line_and_runs_nothing(tmp_path):
+    marker, folder = tmp_path / "marker", tmp_path / "colleague"
+    folder.mkdir()
+    _write(folder, "pickle", marker)
+    proc = run_cli([f"resume={folder}"], tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "resume=" in lines[0] and "nothing in it ran" in lines[0], proc.stderr
+    assert not marker.exists()
