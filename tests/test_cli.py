@@ -69,19 +69,6 @@ def test_baseline_mode_logs_per_epoch_metrics_and_model(store):
     assert history[-1].value > 0.3
 
 
-def test_multirun_tags_every_job_with_one_sweep_id(store):
-    proc = run_cli(["-m", *SMALL, "fl.rounds=2", "fl.clients=5,10", "fl.fraction=0.2,1.0"], store)
-    assert proc.returncode == 0, proc.stderr
-    _, runs = _only_run(store)
-    runs = [r for r in runs if r.data.tags.get("flexp.sweep_parent") != "true"]
-    assert len(runs) == 4
-    assert len({r.data.tags["flexp.sweep_id"] for r in runs}) == 1
-    combos = {(r.data.params["fl.clients"], r.data.params["fl.fraction"]) for r in runs}
-    assert combos == {("5", "0.2"), ("5", "1.0"), ("10", "0.2"), ("10", "1.0")}
-    assert all(r.info.status == "FINISHED" for r in runs)
-    assert torch.tensor([r.data.metrics["clients"] for r in runs]).tolist().count(10) == 1
-
-
 @pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
 def test_interrupted_run_ends_killed_and_keeps_the_rounds_it_logged(store, signum):
     import os

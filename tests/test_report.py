@@ -63,6 +63,10 @@ def test_tiny_sweep_gives_one_parent_four_children_and_a_four_row_report(store):
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     sweep = parent.data.tags["flexp.sweep_id"]
     assert {c.data.tags["flexp.sweep_id"] for c in children} == {sweep}
+    combos = {(c.data.params["fl.clients"], c.data.params["fl.fraction"]) for c in children}
+    assert combos == {("5", "0.2"), ("5", "1.0"), ("10", "0.2"), ("10", "1.0")}
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert sorted(c.data.metrics["clients"] for c in children) == [1, 2, 5, 10]
 
     out = report(sweep, store / "reports", f"sqlite:///{store / 'mlflow.db'}")
     table = pd.read_csv(out / "table.csv")
@@ -84,7 +88,7 @@ def test_tiny_sweep_gives_one_parent_four_children_and_a_four_row_report(store):
 
 
 def test_parallel_joblib_jobs_share_one_sqlite_store_without_losing_anything(store):
-    proc = run_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4", *SMALL, "fl.rounds=12",
+    proc = run_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4", *SMALL, "fl.rounds=6",
                     "tracking.log_model=false", "fl.fraction=0.1,0.2,0.5,1.0"], store, timeout=400)
     assert proc.returncode == 0, proc.stderr
     client = mlflow_client(store)
@@ -97,16 +101,16 @@ def test_parallel_joblib_jobs_share_one_sqlite_store_without_losing_anything(sto
         assert run.info.status == "FINISHED"
         assert len(run.data.params) == expected_params
         for key in ("test_accuracy", "train_loss", "bytes_up", "round_seconds"):
-            assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == list(range(1, 13)), key
+            assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == list(range(1, 7)), key
 
 
 def test_report_by_experiment_plots_fedavg_against_a_centralized_baseline(store):
-    for args in (["fl.fraction=0.2"], ["fl.fraction=1.0"], ["mode=baseline", "baseline.epochs=3"]):
+    for args in (["fl.fraction=0.2"], ["mode=baseline", "baseline.epochs=3"]):
         proc = run_cli([*SMALL, "tracking.log_model=false", "tracking.experiment=cmp", *args], store)
         assert proc.returncode == 0, proc.stderr
     out = report("cmp", store / "reports", f"sqlite:///{store / 'mlflow.db'}")
     table = pd.read_csv(out / "table.csv")
-    assert len(table) == 2 and set(table["fl.fraction"]) == {0.2, 1.0}
+    assert len(table) == 1 and table["fl.fraction"].tolist() == [0.2]
     assert (out / "baseline.png").stat().st_size > 0
 
 
