@@ -2,7 +2,6 @@
 
 import mlflow.pytorch
 import pytest
-import torch
 import yaml
 from conftest import SMALL, mlflow_client, run_cli
 from omegaconf import OmegaConf
