@@ -53,7 +53,10 @@ class TrackingWriter:
     def _read_replies(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            reply = json.loads(line)
+            try:
+                reply = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # not a reply: something in the writer printed to its stdout
             if "error" in reply and self.run_id is not None:
                 self._failed(reply["error"])
             self.replies.put(reply)
@@ -145,6 +148,9 @@ def serve(cfg: TrackingConfig) -> None:
     """The writer's loop: one MlflowTracker call per line on stdin, errors answered on stdout."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    replies = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # MLflow prints "View run ... at: <url>" to stdout; keep it off the replies
     from flexp.tracking import MlflowTracker, quiet_mlflow
 
     quiet_mlflow()
@@ -153,8 +159,9 @@ def serve(cfg: TrackingConfig) -> None:
     tracker.warm_up()
     started = finished = False
 
+
     def answer(reply: dict[str, Any]) -> None:
-        print(json.dumps(reply), flush=True)
+        print(json.dumps(reply), file=replies, flush=True)
 
     for line in sys.stdin:
         message = json.loads(line)
