@@ -141,9 +141,9 @@ class Timed:
     def __init__(self, engine, device: torch.device) -> None:
         self.engine, self.device, self.times = engine, device, []
 
-    def run_round(self, params, tasks):
+    def run_round(self, params, tasks, algorithm=None):
         start = time.perf_counter()
-        out = self.engine.run_round(params, tasks)
+        out = self.engine.run_round(params, tasks, algorithm)
         sync(self.device)
         self.times.append(time.perf_counter() - start)
         return out

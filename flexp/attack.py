@@ -1,9 +1,17 @@
-"""Byzantine clients: a fixed, seeded subset of clients that send poisoned weights or train on flipped labels."""
+"""Byzantine clients: a fixed, seeded subset of clients, and the wrapper that turns any algorithm into an attacked
+one (flexp/strategy/sign_flip.py, gaussian.py, label_flip.py say what the attackers do)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
 import numpy as np
 import torch
+
+from flexp.algorithm import CLIENT_HOOKS, Algorithm
+from flexp.client import ClientResult
 
 
 def malicious_clients(num_clients: int, fraction: float, seed: int) -> frozenset[int]:
@@ -39,3 +47,40 @@ def poison(kind: str, global_params: torch.Tensor, params: torch.Tensor, scale: 
     if kind == "gaussian":
         return gaussian(global_params, scale, seed, round_, client)
     return params
+
+
+class Attacker(Algorithm):
+    """`inner` with `malicious` clients: their replies are marked and go through `poison`; everything else,
+    client hooks included, is inner's (the hooks are inner's own bound methods, so a kernel that implements
+    inner implements the attacked algorithm too, unless the attacker overrides a hook)."""
+
+    def __init__(self, inner: Algorithm, malicious: frozenset[int]) -> None:
+        self.inner, self.malicious = inner, malicious
+        for name in CLIENT_HOOKS:
+            if getattr(type(self), name) is getattr(Algorithm, name):
+                setattr(self, name, getattr(inner, name))
+
+    def poison(self, round_: int, global_params: torch.Tensor, reply: ClientResult) -> torch.Tensor:
+        """What the malicious client sends instead of its trained weights (default: them, unchanged)."""
+        return reply.params
+
+    def message(self, client: int, round_: int, params: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.inner.message(client, round_, params)
+
+    def receive(self, round_: int, params: torch.Tensor, reply: ClientResult) -> ClientResult:
+        reply = self.inner.receive(round_, params, reply)
+        if reply.client not in self.malicious:
+            return reply
+        return replace(reply, params=self.poison(round_, params, reply), malicious=True)
+
+    def aggregate(self, round_: int, params: torch.Tensor, replies: Any) -> torch.Tensor:
+        return self.inner.aggregate(round_, params, replies)
+
+    def wire_bytes(self, model_bytes: int) -> int:
+        return self.inner.wire_bytes(model_bytes)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.inner.load_state_dict(state)

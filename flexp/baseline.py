@@ -6,8 +6,10 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from flexp.algorithm import Algorithm
 from flexp.client import ClientTask, LocalSpec, local_sgd
 from flexp.config import BaselineConfig
 from flexp.data import Split
@@ -26,7 +28,8 @@ def run_baseline(model: nn.Module, train: Split, test: Split, cfg: BaselineConfi
     result = TrainingResult(replica.flat(), target=target)
     for epoch in range(1, cfg.epochs + 1):
         start = time.perf_counter()
-        update = local_sgd(replica, train.x, train.y, ClientTask(0, everything, client_seed(seed, epoch, 0)), spec)
+        task = ClientTask(0, everything, client_seed(seed, epoch, 0))
+        update = local_sgd(replica, train.x, train.y, task, spec, Algorithm(), F.cross_entropy)
         accuracy, loss = evaluate(model, test)
         record = RoundRecord(round=epoch, clients=1, train_loss=update.loss,
                              round_seconds=time.perf_counter() - start, bytes_up=0, bytes_down=0,

@@ -2,33 +2,36 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from flexp.flat import Replica
 
+if TYPE_CHECKING:
+    from flexp.algorithm import Algorithm, TaskLoss
+
 
 @dataclass(frozen=True)
 class LocalSpec:
-    """E, B (None: full local batch), the learning rate, and FedProx's proximal weight mu (0: plain SGD)."""
+    """E, B (None: full local batch) and the learning rate."""
 
     epochs: int
     batch_size: int | None
     lr: float
-    mu: float = 0.0
 
 
 @dataclass(frozen=True)
 class ClientTask:
-    """One sampled client for one round: which samples it holds and the seed of its batch order."""
+    """One sampled client for one round: which samples it holds, the seed of its batch order, and the algorithm's
+    message to it (Algorithm.message)."""
 
     client: int
     indices: torch.Tensor
     seed: int
     epochs: int | None = None  # a straggler's own E; None: the configured E
-    correction: torch.Tensor | None = None  # SCAFFOLD's c - c_i, added to every local gradient
-    label_map: torch.Tensor | None = None  # a label-flipping attacker trains on label_map[y]
+    message: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def local_epochs(self, spec: LocalSpec) -> int:
         return self.epochs or spec.epochs
@@ -36,7 +39,8 @@ class ClientTask:
 
 @dataclass(frozen=True)
 class ClientResult:
-    """What a client sends back: new weights, its n_k, and its mean training loss."""
+    """What a client sends back: new weights, its n_k, its mean training (task) loss, its step count and the
+    algorithm's extra tensors (Algorithm.client_final)."""
 
     client: int
     params: torch.Tensor
@@ -44,6 +48,8 @@ class ClientResult:
     loss: float
     steps: int = 0  # local SGD steps taken (SCAFFOLD's K)
     error: str | None = None  # why the client failed (its params are then the global ones, unused)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    malicious: bool = False  # set by an attacker's Algorithm.receive
 
 
 def epoch_orders(task: ClientTask, epochs: int) -> torch.Tensor:
@@ -58,23 +64,27 @@ def local_steps(n: int, batch_size: int | None, epochs: int) -> int:
     return epochs * -(-n // (batch_size or n))
 
 
-def local_sgd(model: Replica, x: torch.Tensor, y: torch.Tensor, task: ClientTask, spec: LocalSpec) -> ClientResult:
-    """Train `model` (already holding the global weights) on the task's samples; return its weights and loss."""
+def local_sgd(model: Replica, x: torch.Tensor, y: torch.Tensor, task: ClientTask, spec: LocalSpec,
+              algorithm: Algorithm, task_loss: TaskLoss) -> ClientResult:
+    """Run the algorithm's client side on `model` (already holding the global weights) over the task's samples:
+    E epochs of its steps in the task's batch order; return its weights, mean task loss and extra tensors."""
     n = len(task.indices)
     batch = spec.batch_size or n
     loss_sum = torch.zeros((), device=x.device)
-    anchor = [p.detach().clone() for p in model.params] if spec.mu else None
-    correction = model.split(task.correction.to(x.device)) if task.correction is not None else None
-    label_map = task.label_map.to(x.device) if task.label_map is not None else None
+    start = {name: p.detach().clone() for name, p in model.named.items()}
+    cstate: Any = algorithm.client_init(start, {k: v.to(x.device) for k, v in task.message.items()})
+    step = model.step_for(algorithm, task_loss)
     epochs = task.local_epochs(spec)
     for order in epoch_orders(task, epochs).to(x.device):
-        for start in range(0, n, batch):
-            chosen = order[start:start + batch]
-            labels = y[chosen] if label_map is None else label_map[y[chosen]]
-            loss = model.train_step(x[chosen], labels, spec.lr, spec.mu, anchor, correction)
+        for first in range(0, n, batch):
+            chosen = order[first:first + batch]
+            loss, cstate = step(x[chosen], y[chosen], spec.lr, algorithm, cstate, task_loss)
             loss_sum += loss * len(chosen)
     mean_loss = float(loss_sum) / (n * epochs)
-    return ClientResult(task.client, model.flat(), n, mean_loss, local_steps(n, spec.batch_size, epochs))
+    with torch.no_grad():
+        extra = algorithm.client_final(start, model.detached(), cstate)
+    return ClientResult(task.client, model.flat(), n, mean_loss, local_steps(n, spec.batch_size, epochs),
+                        extra={k: v.detach().clone() for k, v in extra.items()})
 
 
 def failed_result(task: ClientTask, global_params: torch.Tensor, err: BaseException) -> ClientResult:

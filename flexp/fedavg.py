@@ -13,24 +13,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from flexp import attack as attacks
+from flexp.algorithm import Algorithm
 from flexp.arrival import held, held_fraction
 from flexp.client import ClientResult, ClientTask
-from flexp.config import AttackConfig, ClientsConfig, DataConfig, FLConfig
+from flexp.config import ClientsConfig, DataConfig, FLConfig
 from flexp.data import Split
 from flexp.flat import flat_parameters, load_flat
 from flexp.metrics import evaluate, rounds_to_target
-from flexp.strategy import Strategy
-from flexp.strategy.fedavg import FedAvg
-from flexp.strategy.scaffold import Scaffold
 
 log = logging.getLogger("flexp")
 
 
 class Engine(Protocol):
-    """Anything that turns (global weights, sampled clients) into client results, in task order."""
+    """Anything that runs an algorithm's client side for the sampled clients from the global weights, returning
+    their results in task order."""
 
-    def run_round(self, global_params: torch.Tensor, tasks: Sequence[ClientTask]) -> list[ClientResult]: ...
+    def run_round(self, global_params: torch.Tensor, tasks: Sequence[ClientTask],
+                  algorithm: Algorithm | None = None) -> list[ClientResult]: ...
 
 
 @dataclass(frozen=True)
@@ -109,21 +108,20 @@ def client_seed(seed: int, round_: int, client: int) -> int:
 
 @dataclass(frozen=True)
 class Conditions:
-    """What the clients are like: heterogeneity, attackers, how their data arrives, and what a failure does."""
+    """What the clients are like: heterogeneity, how their data arrives, and what a failure does."""
 
     clients: ClientsConfig = field(default_factory=ClientsConfig)
-    attack: AttackConfig = field(default_factory=AttackConfig)
     data: DataConfig = field(default_factory=DataConfig)
     on_client_error: str = "drop"
 
 
 @dataclass
 class ServerState:
-    """The server after `round` rounds: global weights, the strategy with its state, and the history."""
+    """The server after `round` rounds: global weights, the algorithm with its state, and the history."""
 
     round: int
     params: torch.Tensor
-    strategy: Strategy | Scaffold
+    strategy: Algorithm
     history: list[RoundRecord]
 
 
@@ -159,34 +157,25 @@ def usable(updates: Sequence[ClientResult], round_: int, policy: str) -> list[Cl
 
 
 def round_tasks(partition: Sequence[torch.Tensor], returned: Sequence[int], slow: dict[int, int], seed: int,
-                round_: int, data: DataConfig, scaffold: Scaffold | None, global_params: torch.Tensor,
-                flip: torch.Tensor | None, malicious: frozenset[int]) -> list[ClientTask]:
-    """The returning clients' tasks: the data they hold this round, their epochs, corrections and label maps."""
+                round_: int, data: DataConfig, algorithm: Algorithm, global_params: torch.Tensor) -> list[ClientTask]:
+    """The returning clients' tasks: the data they hold this round, their epochs and the algorithm's messages."""
     fraction = held_fraction(data.arrival, round_, data.arrival_start, data.arrival_full_at, data.arrival_every)
     return [ClientTask(c, held(partition[c], fraction), client_seed(seed, round_, c), slow.get(c),
-                       scaffold.correction(c, global_params) if scaffold else None,
-                       flip if flip is not None and c in malicious else None) for c in returned]
+                       algorithm.message(c, round_, global_params)) for c in returned]
 
 
 def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split, fl: FLConfig, engine: Engine,
                seed: int, on_round: Callable[[RoundRecord], None] = lambda r: None,
-               strategy: Strategy | Scaffold | None = None, conditions: Conditions | None = None,
+               strategy: Algorithm | None = None, conditions: Conditions | None = None,
                resume: ServerState | None = None,
                on_state: Callable[[ServerState], None] = lambda s: None) -> TrainingResult:
-    """Run FedAvg (or another server `strategy`) from `model`'s weights, or from `resume`; `model` ends holding the
-    final weights. `on_state` sees the server after each round, before `on_round` (checkpoint, then log)."""
+    """Run FedAvg (or another algorithm, `strategy`) from `model`'s weights, or from `resume`; `model` ends holding
+    the final weights. `on_state` sees the server after each round, before `on_round` (checkpoint, then log)."""
     cond = conditions or Conditions()
-    state = resume or ServerState(0, flat_parameters(model), strategy or FedAvg(), [])
-    scaffold = state.strategy if isinstance(state.strategy, Scaffold) else None
-    attack = cond.attack
-    malicious = frozenset() if attack.name == "none" else attacks.malicious_clients(len(partition), attack.fraction,
-                                                                                     seed)
-    flip = None
-    if attack.name == "label_flip":
-        with torch.no_grad():
-            flip = attacks.flipped_labels(model(test.x[:1]).shape[-1])
+    state = resume or ServerState(0, flat_parameters(model), strategy or Algorithm(), [])
+    algorithm = state.strategy
     global_params = state.params
-    model_bytes = global_params.numel() * global_params.element_size() * (2 if scaffold else 1)
+    model_bytes = algorithm.wire_bytes(global_params.numel() * global_params.element_size())
     result = TrainingResult(global_params, list(state.history), target=fl.target_accuracy)
     for round_ in range(state.round + 1, fl.rounds + 1):
         if reached_target(fl, result.history):
@@ -195,26 +184,21 @@ def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split,
         chosen = sample_clients(len(partition), fl.clients_per_round, seed, round_)
         returned, slow = heterogeneity(chosen, cond.clients.dropout, cond.clients.stragglers, fl.local_epochs, seed,
                                        round_)
-        tasks = round_tasks(partition, returned, slow, seed, round_, cond.data, scaffold, global_params, flip,
-                            malicious)
-        updates = engine.run_round(global_params, tasks) if tasks else []
-        updates = [replace(u, params=attacks.poison(attack.name, global_params, u.params, attack.scale, seed, round_,
-                                                    u.client)) if u.client in malicious else u for u in updates]
+        tasks = round_tasks(partition, returned, slow, seed, round_, cond.data, algorithm, global_params)
+        updates = engine.run_round(global_params, tasks, algorithm) if tasks else []
+        updates = [algorithm.receive(round_, global_params, u) for u in updates]
         good = usable(updates, round_, cond.on_client_error)
         if not good:
             log.warning("round %d: no client returned a usable update; the global model is unchanged", round_)
-        elif scaffold is not None:
-            global_params = scaffold.aggregate_results(global_params, good)
         else:
-            global_params = state.strategy.aggregate(global_params, [u.params for u in good],
-                                                     [u.num_samples for u in good])
+            global_params = algorithm.aggregate(round_, global_params, good)
         n_total = sum(u.num_samples for u in good)
         record = RoundRecord(
             round=round_, clients=len(good),
             train_loss=sum(u.loss * u.num_samples for u in good) / n_total if good else float("nan"),
             round_seconds=0.0, bytes_up=len(updates) * model_bytes, bytes_down=len(chosen) * model_bytes,
             dropped=len(chosen) - len(returned), stragglers=len(slow),
-            malicious=sum(u.client in malicious for u in good), samples=n_total,
+            malicious=sum(u.malicious for u in good), samples=n_total,
             failed_clients=len(updates) - len(good))
         if round_ % fl.eval_every == 0 or round_ == fl.rounds:
             accuracy, loss = evaluate(load_flat(model, global_params), test)
@@ -224,7 +208,7 @@ def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split,
         record = replace(record, round_seconds=time.perf_counter() - start)
         result.history.append(record)
         result.params = global_params
-        on_state(ServerState(round_, global_params, state.strategy, result.history))
+        on_state(ServerState(round_, global_params, algorithm, result.history))
         on_round(record)
     load_flat(model, global_params)
     return result

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import cache
+from typing import Any
+
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+
+@cache
+def sgd_step_function() -> Callable[..., Any]:
+    """Algorithm.step, the interface's default (imported late: flexp.algorithm imports this module's users)."""
+    from flexp.algorithm import Algorithm
+
+    return Algorithm.step
 
 
 class Replica:
@@ -15,30 +26,34 @@ class Replica:
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        self.params = list(self.module.parameters())
+        self.named = dict(self.module.named_parameters())
+        self.params = list(self.named.values())
 
     def load(self, flat: torch.Tensor) -> None:
         """Copy a flat parameter vector into the model's own tensors."""
         load_flat(self.module, flat)
 
-    def sgd_step(self, loss: torch.Tensor, lr: float, mu: float = 0.0, anchor: list[torch.Tensor] | None = None,
-                 correction: list[torch.Tensor] | None = None) -> None:
-        """w <- w - lr * (dloss/dw + mu (w - anchor) + correction): FedProx's pull and SCAFFOLD's c - c_i."""
-        grads = list(torch.autograd.grad(loss, self.params))
-        with torch.no_grad():
-            if mu and anchor is not None:
-                torch._foreach_add_(grads, torch._foreach_sub(self.params, anchor), alpha=mu)
-            if correction is not None:
-                torch._foreach_add_(grads, correction)
-            torch._foreach_add_(self.params, grads, alpha=-lr)
+    def detached(self) -> dict[str, torch.Tensor]:
+        """The current parameters by name, detached views of the model's own tensors."""
+        return {name: p.detach() for name, p in self.named.items()}
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, mu: float = 0.0,
-                   anchor: list[torch.Tensor] | None = None,
-                   correction: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """One SGD step on the mean cross-entropy of (x, y); returns the (detached) loss."""
-        loss = F.cross_entropy(self.module(x), y)
-        self.sgd_step(loss, lr, mu, anchor, correction)
-        return loss.detach()
+    def step_for(self, algorithm: Any, task_loss: Callable[..., torch.Tensor]) -> Callable[..., Any]:
+        """The training step to run `algorithm` with: autograd here; a hand kernel where one implements the pair."""
+        return self.train_step
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, algorithm: Any, cstate: Any,
+                   task_loss: Callable[..., torch.Tensor]) -> tuple[torch.Tensor, Any]:
+        """One step of the algorithm's client side by autograd on the batch (x, y); returns (task loss, cstate)."""
+        xb, yb = algorithm.batch(x, y, cstate)
+        task = task_loss(self.module(xb), yb)
+        grads = torch.autograd.grad(algorithm.loss(task, self.named, cstate), self.params)
+        with torch.no_grad():
+            if getattr(algorithm.step, "__func__", None) is sgd_step_function():  # the default step, in place
+                torch._foreach_add_(self.params, list(grads), alpha=-lr)
+                return task.detach(), cstate
+            new, cstate = algorithm.step(self.detached(), dict(zip(self.named, grads)), cstate, lr)
+            torch._foreach_copy_(self.params, [new[name] for name in self.named])
+        return task.detach(), cstate
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Views of a flat vector shaped like each parameter."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,7 +23,7 @@ from flexp.fedavg import Conditions, RoundRecord, ServerState, TrainingResult, r
 from flexp.flat import load_flat
 from flexp.models import build_model, count_parameters
 from flexp.progress import Progress
-from flexp.strategy import make_strategy
+from flexp.strategy import make_algorithm
 from flexp.tracking import flatten
 
 log = logging.getLogger("flexp")
@@ -109,14 +109,18 @@ def train(cfg: ExperimentConfig, ready: Prepared, on_record: Callable[[RoundReco
     if cfg.mode == "baseline":
         return run_baseline(ready.model, ready.data.train, ready.data.test, cfg.baseline, cfg.seed,
                             cfg.fl.target_accuracy, on_record)
-    spec = LocalSpec(cfg.fl.local_epochs, cfg.fl.batch_size, cfg.fl.lr, cfg.strategy.mu)
+    spec = LocalSpec(cfg.fl.local_epochs, cfg.fl.batch_size, cfg.fl.lr)
     make_model = partial(build_model, cfg.model.name, ready.data.input_shape, ready.data.num_classes, cfg.model.hidden)
     engine = make_engine(cfg.engine, make_model, ready.data.train, spec, ready.device)
     try:
-        strategy = make_strategy(cfg.strategy, cfg.fl.clients, cfg.fl.lr)
-        conditions = Conditions(cfg.clients, cfg.attack, cfg.data, cfg.engine.on_client_error)
+        algorithm = make_algorithm(cfg.strategy, cfg.attack, cfg.fl.clients, cfg.fl.lr, cfg.seed,
+                                   ready.data.num_classes)
+        if resume is not None:  # the checkpoint holds the state; the attacker wrapping it comes from the config
+            algorithm.load_state_dict(resume.strategy.state_dict())
+            resume = replace(resume, strategy=algorithm)
+        conditions = Conditions(cfg.clients, cfg.data, cfg.engine.on_client_error)
         return run_fedavg(ready.model, ready.partition, ready.data.test, cfg.fl, engine, cfg.seed, on_record,
-                          strategy, conditions, resume, on_state)
+                          algorithm, conditions, resume, on_state)
     finally:
         engine.close()
 

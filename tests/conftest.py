@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from flexp.strategy.fedavg import FedAvg
+
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["dataset=synthetic", "dataset.users=10", "dataset.samples_per_user=60", "model=logreg",
          "fl.clients=10", "fl.local_epochs=1", "fl.batch_size=10", "fl.lr=0.1", "fl.rounds=3"]
@@ -48,14 +50,12 @@ def mlflow_client(cwd: Path):
     return MlflowClient(tracking_uri=uri)
 
 
-class Recording:
+class Recording(FedAvg):
     """A FedAvg server step that remembers the sample counts it was given each round."""
 
     def __init__(self) -> None:
         self.weights: list[list[int]] = []
 
-    def aggregate(self, global_params, params, num_samples):
-        from flexp.strategy.fedavg import FedAvg
-
-        self.weights.append(list(num_samples))
-        return FedAvg().aggregate(global_params, params, num_samples)
+    def aggregate(self, round_, global_params, replies):
+        self.weights.append([r.num_samples for r in replies])
+        return super().aggregate(round_, global_params, replies)

@@ -11,11 +11,11 @@ from flexp.config import AttackConfig, DatasetConfig, FLConfig, StrategyConfig
 from flexp.data import load_dataset
 from flexp.engine.threads import ThreadEngine
 from flexp.engine.vectorized import VectorizedEngine
-from flexp.fedavg import Conditions, run_fedavg, sample_clients
+from flexp.fedavg import run_fedavg, sample_clients
 from flexp.flat import flat_parameters
 from flexp.models import build_model
 from flexp.partition import iid
-from flexp.strategy import make_strategy
+from flexp.strategy import make_algorithm
 
 CLEAN_DATA = DatasetConfig(name="synthetic", users=30, alpha=0.0, beta=0.0, seed=0)
 
@@ -46,8 +46,8 @@ def _run(strategy: str, attack: AttackConfig, engine_cls=VectorizedEngine, round
     engine = engine_cls(lambda: build_model("logreg", data.input_shape, data.num_classes), data.train,
                         LocalSpec(1, 10, fl.lr), **kwargs)
     cfg = StrategyConfig(name=strategy, trim=0.3, byzantine=6, keep=5)
-    return run_fedavg(model, parts, data.test, fl, engine, 1, strategy=make_strategy(cfg, 30, fl.lr),
-                      conditions=Conditions(attack=attack))
+    return run_fedavg(model, parts, data.test, fl, engine, 1,
+                      strategy=make_algorithm(cfg, attack, 30, fl.lr, 1, data.num_classes))
 
 
 def _late_accuracy(result) -> float:

@@ -1,12 +1,18 @@
-"""The hand-written CNN step is the autograd step: equal in float64 (with FedProx and SCAFFOLD terms too)."""
+"""The hand-written CNN step is the autograd step: equal in float64 for every algorithm it claims (FedAvg,
+FedProx, SCAFFOLD, label flipping), and never chosen for one it does not."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from rounding import assert_same_sgd, chained_reductions, longest_sum
 
+from flexp.algorithm import Algorithm
 from flexp.engine.cnn_kernel import PaperCnnReplica, is_paper_cnn, replica_for
 from flexp.flat import Replica, flat_parameters
 from flexp.models import build_model
+from flexp.strategy.fedprox import FedProx
+from flexp.strategy.label_flip import LabelFlip
+from flexp.strategy.scaffold import Scaffold
 
 pytestmark = pytest.mark.engines
 
@@ -26,15 +32,24 @@ def _batches(dtype, sizes):
         yield torch.where(x < 0.8, torch.zeros((), dtype=dtype), x), torch.randint(0, 10, (n,), generator=g)
 
 
-@pytest.mark.parametrize("mu, corrected", [(0.0, False), (0.5, True)])
-def test_kernel_equals_autograd_in_float64(mu, corrected):
+CLAIMED = {"fedavg": lambda: Algorithm(), "fedprox": lambda: FedProx(0.5), "scaffold": lambda: Scaffold(4, 0.1),
+           "label_flip": lambda: LabelFlip(FedProx(0.5), frozenset({0}), 10)}
+
+
+@pytest.mark.parametrize("name", sorted(CLAIMED))
+def test_kernel_equals_autograd_in_float64(name):
+    algorithm = CLAIMED[name]()
     reference, fast = _pair(torch.float64)
+    assert fast.step_for(algorithm, F.cross_entropy) == fast.kernel_step
     start = flat_parameters(reference.module)
-    anchor = [p.detach().clone() for p in reference.params]
-    correction = [0.01 * torch.randn_like(p) for p in reference.params] if corrected else None
+    message = algorithm.message(0, 1, start)
+    if name == "scaffold":
+        message = {"correction": 0.01 * torch.randn(start.shape, dtype=torch.float64)}
+    slow_state = algorithm.client_init({k: v.clone() for k, v in reference.detached().items()}, message)
+    fast_state = algorithm.client_init({k: v.clone() for k, v in fast.detached().items()}, message)
     for x, y in _batches(torch.float64, [10, 10, 10, 7, 10]):
-        slow_loss = reference.train_step(x, y, 0.1, mu, anchor, correction)
-        fast_loss = fast.train_step(x, y, 0.1, mu, anchor, correction)
+        slow_loss, slow_state = reference.train_step(x, y, 0.1, algorithm, slow_state, F.cross_entropy)
+        fast_loss, fast_state = fast.kernel_step(x, y, 0.1, algorithm, fast_state, F.cross_entropy)
         assert abs(float(slow_loss - fast_loss)) < 1e-12
     assert_same_sgd(flat_parameters(fast.module), flat_parameters(reference.module), start, 5,
                     longest_sum("cnn", (1, 28, 28), 10), chained_reductions("cnn"))
@@ -43,9 +58,10 @@ def test_kernel_equals_autograd_in_float64(mu, corrected):
 def test_kernel_agrees_with_autograd_in_float32_over_a_few_steps():
     reference, fast = _pair(torch.float32)
     start = flat_parameters(reference.module)
+    fedavg = Algorithm()
     for x, y in _batches(torch.float32, [10, 10, 3]):
-        reference.train_step(x, y, 0.1)
-        fast.train_step(x, y, 0.1)
+        reference.train_step(x, y, 0.1, fedavg, {}, F.cross_entropy)
+        fast.kernel_step(x, y, 0.1, fedavg, {}, F.cross_entropy)
     assert_same_sgd(flat_parameters(fast.module), flat_parameters(reference.module), start, 3,
                     longest_sum("cnn", (1, 28, 28), 10), chained_reductions("cnn"))
 
@@ -55,3 +71,18 @@ def test_only_the_papers_cnn_on_the_cpu_gets_the_kernel():
     assert isinstance(replica_for(build_model("cnn", (1, 28, 28), 10)), PaperCnnReplica)
     assert not is_paper_cnn(build_model("2nn", (1, 28, 28), 10))
     assert type(replica_for(build_model("logreg", (1, 28, 28), 10))) is Replica
+
+
+class Tweaked(FedProx):
+    """FedProx with its own step: not what the kernel implements."""
+
+    def step(self, params, grads, cstate, lr):
+        return super().step(params, grads, cstate, 2 * lr)
+
+
+def test_the_kernel_is_not_used_for_an_algorithm_or_loss_it_does_not_claim():
+    replica = replica_for(build_model("cnn", (1, 28, 28), 10))
+    assert replica.step_for(Tweaked(0.5), F.cross_entropy) == replica.train_step
+    assert replica.step_for(LabelFlip(Tweaked(0.5), frozenset(), 10), F.cross_entropy) == replica.train_step
+    assert replica.step_for(Algorithm(), F.nll_loss) == replica.train_step
+    assert replica.step_for(LabelFlip(Scaffold(4, 0.1), frozenset(), 10), F.cross_entropy) == replica.kernel_step

@@ -15,6 +15,10 @@ from flexp.engine.vectorized import VectorizedEngine, lockstep_plan
 from flexp.fedavg import run_fedavg
 from flexp.models import build_model
 from flexp.partition import iid, shards
+from flexp.strategy.fedavg import FedAvg
+from flexp.strategy.fedprox import FedProx
+from flexp.strategy.label_flip import LabelFlip
+from flexp.strategy.scaffold import Scaffold
 
 pytestmark = pytest.mark.engines
 CLIENTS = 6
@@ -32,8 +36,8 @@ def _unequal(parts: list[torch.Tensor]) -> list[torch.Tensor]:
     return [p[: len(p) - min(7 * k, len(p) // 2)] for k, p in enumerate(parts)]
 
 
-def _train(engine_cls, model_name, data, parts, fl: FLConfig, mu: float = 0.0, **kwargs):
-    spec = LocalSpec(fl.local_epochs, fl.batch_size, fl.lr, mu)
+def _train(engine_cls, model_name, data, parts, fl: FLConfig, algorithm=None, **kwargs):
+    spec = LocalSpec(fl.local_epochs, fl.batch_size, fl.lr)
 
     def make():
         torch.manual_seed(0)
@@ -41,7 +45,7 @@ def _train(engine_cls, model_name, data, parts, fl: FLConfig, mu: float = 0.0, *
 
     engine = engine_cls(make, data.train, spec, **kwargs)
     try:
-        return run_fedavg(make(), parts, data.test, fl, engine, seed=3).params
+        return run_fedavg(make(), parts, data.test, fl, engine, seed=3, strategy=algorithm).params
     finally:
         engine.close()
 
@@ -127,9 +131,9 @@ def test_fedprox_agrees_across_engines_and_pulls_clients_towards_the_global_mode
     fl = FLConfig(clients=CLIENTS, fraction=0.5, local_epochs=1, batch_size=50, lr=0.05, rounds=1,
                   eval_every=1, target_accuracy=None, stop_at_target=False)
     plain = _train(ThreadEngine, model_name, mnist_small, parts, fl, workers=2)
-    same = _train(ThreadEngine, model_name, mnist_small, parts, fl, mu=0.0, workers=2)
-    prox = _train(ThreadEngine, model_name, mnist_small, parts, fl, mu=1.0, workers=2)
-    prox_vec = _train(VectorizedEngine, model_name, mnist_small, parts, fl, mu=1.0)
+    same = _train(ThreadEngine, model_name, mnist_small, parts, fl, FedProx(0.0), workers=2)
+    prox = _train(ThreadEngine, model_name, mnist_small, parts, fl, FedProx(1.0), workers=2)
+    prox_vec = _train(VectorizedEngine, model_name, mnist_small, parts, fl, FedProx(1.0))
     torch.manual_seed(0)
     start = torch.nn.utils.parameters_to_vector(build_model(model_name, mnist_small.input_shape, 10).parameters())
     assert torch.equal(plain, same)
@@ -151,3 +155,38 @@ def test_vectorized_mlp_result_does_not_depend_on_the_worker_count(mnist_small, 
             parallel = _train(VectorizedEngine, model_name, mnist_small, parts, fl, workers=workers,
                               group_size=group_size)
             assert torch.equal(parallel, alone), (group_size, workers)
+
+
+KERNEL_CLAIMS = {"fedavg": lambda: FedAvg(), "fedprox": lambda: FedProx(0.5),
+                 "scaffold": lambda: Scaffold(CLIENTS, 0.05),
+                 "label_flip": lambda: LabelFlip(FedProx(0.5), frozenset({0, 3}), 10)}
+
+
+@pytest.mark.parametrize("name", sorted(KERNEL_CLAIMS))
+def test_batched_mlp_kernel_equals_the_generic_path_for_each_algorithm_it_claims(mnist_small, name):
+    """Two rounds of E=1, B=10 in float64: the kernel and torch.func's generic path do the same SGD steps."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        data = Dataset("mnist", Split(mnist_small.train.x[:300].double(), mnist_small.train.y[:300]),
+                       Split(mnist_small.test.x[:50].double(), mnist_small.test.y[:50]), mnist_small.input_shape, 10)
+        parts = _unequal(iid(300, CLIENTS, 1))
+        fl = FLConfig(clients=CLIENTS, fraction=0.5, local_epochs=1, batch_size=10, lr=0.05, rounds=2,
+                      eval_every=2, target_accuracy=None, stop_at_target=False)
+        results = {}
+        for path in ("kernel", "generic"):
+            torch.manual_seed(0)
+            engine = VectorizedEngine(lambda: build_model("2nn", data.input_shape, 10, hidden=16), data.train,
+                                      LocalSpec(1, 10, fl.lr))
+            if path == "generic":
+                engine.uses_kernel = lambda algorithm: False
+            torch.manual_seed(0)
+            model = build_model("2nn", data.input_shape, 10, hidden=16)
+            start = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+            results[path] = run_fedavg(model, parts, data.test, fl, engine, 3, strategy=KERNEL_CLAIMS[name]()).params
+            assert engine.last_path == path
+        steps = 2 * -(-max(len(p) for p in parts) // 10)
+        assert_same_sgd(results["kernel"], results["generic"], start, steps, longest_sum("2nn", data.input_shape, 10),
+                        chained_reductions("2nn"))
+    finally:
+        torch.set_default_dtype(default)

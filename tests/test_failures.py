@@ -26,9 +26,9 @@ class Recording(FedAvg):
     def __init__(self) -> None:
         self.clients: list[int] = []
 
-    def aggregate(self, global_params, params, num_samples):
-        self.clients.append(len(params))
-        return super().aggregate(global_params, params, num_samples)
+    def aggregate(self, round_, global_params, replies):
+        self.clients.append(len(replies))
+        return super().aggregate(round_, global_params, replies)
 
 
 @pytest.fixture
@@ -37,12 +37,12 @@ def flaky(monkeypatch):
     calls = {3: 0}
     real = threads.local_sgd
 
-    def local_sgd(model, x, y, task, spec):
+    def local_sgd(model, x, y, task, spec, algorithm, task_loss):
         if task.client == 3:
             calls[3] += 1
             if calls[3] % 2 == 0:
                 raise RuntimeError("disk on fire")
-        result = real(model, x, y, task, spec)
+        result = real(model, x, y, task, spec, algorithm, task_loss)
         if task.client == 5:
             result = type(result)(result.client, torch.full_like(result.params, math.nan), result.num_samples,
                                   result.loss, result.steps)

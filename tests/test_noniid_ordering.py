@@ -25,7 +25,7 @@ def _rounds_to_target(name: str, mu: float = 0.0) -> float | None:
     torch.manual_seed(0)
     model = build_model("logreg", data.input_shape, data.num_classes)
     engine = VectorizedEngine(lambda: build_model("logreg", data.input_shape, data.num_classes), data.train,
-                              LocalSpec(fl.local_epochs, fl.batch_size, fl.lr, mu))
+                              LocalSpec(fl.local_epochs, fl.batch_size, fl.lr))
     strategy = make_strategy(StrategyConfig(name=name, mu=mu), fl.clients, fl.lr)
     return rounds_to_target(run_fedavg(model, parts, data.test, fl, engine, 1, strategy=strategy).accuracies(), TARGET)
 

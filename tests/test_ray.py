@@ -16,7 +16,7 @@ from flexp.models import build_model
 from flexp.partition import natural
 
 
-def _run(engine_factory):
+def _run(engine_factory, algorithm=None):
     data = load_dataset(DatasetConfig(name="synthetic", users=8, alpha=0.5, beta=0.5, seed=3))
     fl = FLConfig(clients=8, fraction=0.5, local_epochs=2, batch_size=10, lr=0.05, rounds=3, eval_every=3,
                   target_accuracy=None, stop_at_target=False)
@@ -24,7 +24,7 @@ def _run(engine_factory):
     model = build_model("2nn", data.input_shape, data.num_classes, hidden=32)
     engine = engine_factory(data, LocalSpec(fl.local_epochs, fl.batch_size, fl.lr))
     try:
-        return run_fedavg(model, natural(data.train_groups, 8), data.test, fl, engine, 2).params
+        return run_fedavg(model, natural(data.train_groups, 8), data.test, fl, engine, 2, strategy=algorithm).params
     finally:
         engine.close()
 
@@ -38,6 +38,17 @@ def _make(data):
 def test_ray_tasks_equal_the_thread_engine_bit_for_bit():
     threads = _run(lambda data, spec: ThreadEngine(_make(data), data.train, spec, workers=2))
     ray = _run(lambda data, spec: RayEngine(_make(data), data.train, spec, "local", num_cpus=1))
+    assert torch.equal(ray, threads)
+
+
+def test_a_user_algorithm_with_per_client_state_on_ray_equals_threads_bit_for_bit():
+    import user_algorithm
+
+    import_ray().cloudpickle.register_pickle_by_value(user_algorithm)  # tests/ is not on the workers' path
+    threads = _run(lambda data, spec: ThreadEngine(_make(data), data.train, spec, workers=2),
+                   user_algorithm.LocalMomentum())
+    ray = _run(lambda data, spec: RayEngine(_make(data), data.train, spec, "local", num_cpus=1),
+               user_algorithm.LocalMomentum())
     assert torch.equal(ray, threads)
 
 

@@ -25,7 +25,7 @@ def test_control_variates_hand_computed_over_two_rounds():
     assert torch.equal(s.correction(0, x), torch.zeros(2))
     results = [ClientResult(0, torch.tensor([0.0, 0.0]), 1, 0.0, steps=2),
                ClientResult(1, torch.tensor([3.0, -2.0]), 3, 0.0, steps=4)]
-    new_x = s.aggregate_results(x, results)
+    new_x = s.aggregate(1, x, results)
     assert torch.allclose(new_x, torch.tensor([2.25, -1.5]))  # (1*[0,0] + 3*[3,-2]) / 4
     # c_0 = (x - y_0)/(2*0.5) = [1, -2]; c_1 = (x - y_1)/(4*0.5) = [-1, 0]; c = (c_0 + c_1)/4
     assert torch.allclose(s.c_i[0].float(), torch.tensor([1.0, -2.0]))
@@ -34,7 +34,7 @@ def test_control_variates_hand_computed_over_two_rounds():
     assert torch.allclose(s.correction(0, new_x), torch.tensor([-1.0, 1.5]))  # c - c_0
     assert torch.allclose(s.correction(3, new_x), torch.tensor([0.0, -0.5]))  # a new client: c - 0
     # round two, client 0 again: c_0+ = c_0 - c + (x - y)/(K lr)
-    s.aggregate_results(new_x, [ClientResult(0, torch.tensor([2.25, -2.5]), 1, 0.0, steps=1)])
+    s.aggregate(2, new_x, [ClientResult(0, torch.tensor([2.25, -2.5]), 1, 0.0, steps=1)])
     assert torch.allclose(s.c_i[0].float(), torch.tensor([1.0, -2.0]) - torch.tensor([0.0, -0.5])
                           + torch.tensor([0.0, 1.0]) / 0.5)
 

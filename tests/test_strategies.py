@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from flexp.aggregate import fedavg
+from flexp.client import ClientResult
 from flexp.config import StrategyConfig
 from flexp.strategy import make_strategy
 from flexp.strategy.fedavgm import FedAvgM
@@ -17,11 +18,16 @@ CLIENTS = [torch.tensor([2.0, 0.0]), torch.tensor([0.0, 4.0]), torch.tensor([4.0
 N = [1, 2, 1]  # average: [1.5, 1.75]
 
 
+def replies(params, sizes):
+    """Client replies carrying these weights and sample counts."""
+    return [ClientResult(k, p, n, 0.0) for k, (p, n) in enumerate(zip(params, sizes))]
+
+
 def test_fedavgm_hand_computed_over_two_rounds():
     s = FedAvgM(server_lr=0.5, momentum=0.9)
-    first = s.aggregate(W, CLIENTS, N)  # v = w - avg = [-0.5, -3.75]; w - 0.5 v
+    first = s.aggregate(1, W, replies(CLIENTS, N))  # v = w - avg = [-0.5, -3.75]; w - 0.5 v
     assert torch.allclose(first, torch.tensor([1.25, -0.125]))
-    second = s.aggregate(first, CLIENTS, N)  # delta = [-0.25, -1.875]; v = 0.9 v + delta = [-0.7, -5.25]
+    second = s.aggregate(2, first, replies(CLIENTS, N))  # delta = [-0.25, -1.875]; v = 0.9 v + delta = [-0.7, -5.25]
     assert torch.allclose(second, torch.tensor([1.25 + 0.35, -0.125 + 2.625]))
 
 
@@ -30,7 +36,7 @@ def test_fedadam_hand_computed_first_round():
     delta = torch.tensor([0.5, 3.75], dtype=torch.float64)
     m, v = 0.1 * delta, 0.01 * delta**2
     expected = W.double() + 0.1 * m / (v.sqrt() + 0.01)
-    assert torch.allclose(s.aggregate(W, CLIENTS, N).double(), expected, atol=1e-6)
+    assert torch.allclose(s.aggregate(1, W, replies(CLIENTS, N)).double(), expected, atol=1e-6)
 
 
 def test_second_moments_of_adagrad_adam_yogi():
@@ -46,10 +52,10 @@ def test_second_moments_of_adagrad_adam_yogi():
 def test_degenerate_settings_equal_fedavg_exactly(strategy):
     torch.manual_seed(0)
     w = torch.randn(1000)
-    for _ in range(3):
+    for round_ in range(1, 4):
         clients = [w + 0.1 * torch.randn(1000) for _ in range(4)]
         sizes = [600, 300, 450, 50]
-        w_next = strategy.aggregate(w, clients, sizes)
+        w_next = strategy.aggregate(round_, w, replies(clients, sizes))
         assert torch.equal(w_next, fedavg(clients, sizes))
         w = w_next
 
@@ -79,6 +85,6 @@ def test_robust_strategies_ignore_a_sign_flipped_minority(name):
     honest = [torch.ones(50) + 0.01 * torch.randn(50) for _ in range(8)]
     attackers = [-10 * torch.ones(50) for _ in range(2)]
     strategy = make_strategy(StrategyConfig(name=name, trim=0.2, byzantine=2, keep=4))
-    out = strategy.aggregate(torch.zeros(50), honest + attackers, [1] * 10)
+    out = strategy.aggregate(1, torch.zeros(50), replies(honest + attackers, [1] * 10))
     assert (out - 1).abs().max() < 0.05
     assert (fedavg(honest + attackers, [1] * 10) - 1).abs().max() > 1.0

@@ -2,13 +2,22 @@
 
 For small MLPs like the paper's 2NN an eager autograd step is mostly framework overhead; doing m clients at once
 with explicit gradients removes it. Gradients are those of the mean cross-entropy over each client's valid samples.
+The kernel implements the client sides in `CLAIMED` (the CNN kernel's); any other algorithm takes the generic path.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from flexp.algorithm import Algorithm, TaskLoss, client_code, hook_owner
+from flexp.engine.cnn_kernel import CLAIMED
+from flexp.strategy.fedprox import FedProx
+from flexp.strategy.label_flip import LabelFlip
+from flexp.strategy.scaffold import Scaffold
 
 
 def mlp_layers(model: nn.Module) -> list[nn.Linear] | None:
@@ -28,6 +37,23 @@ def mlp_layers(model: nn.Module) -> list[nn.Linear] | None:
             return None
         expect_linear = not expect_linear
     return linears if not expect_linear else None
+
+
+def supports(model: nn.Module, algorithm: Algorithm, task_loss: TaskLoss) -> bool:
+    """True when this kernel runs `algorithm` on `model` exactly: an MLP, cross-entropy and a claimed client side."""
+    return task_loss is F.cross_entropy and mlp_layers(model) is not None and client_code(algorithm) in CLAIMED
+
+
+def terms(algorithm: Algorithm, messages: Mapping[str, torch.Tensor]) -> tuple[
+        float, bool, torch.Tensor | None, torch.Tensor | None]:
+    """What a claimed algorithm adds to plain SGD: FedProx's mu (and whether to keep the anchor), SCAFFOLD's
+    corrections [m, P], the label maps [m, classes] of a label-flipping attack."""
+    _, batch, _, step, _ = client_code(algorithm)
+    owner = hook_owner(algorithm, "step")
+    mu = owner.mu if isinstance(owner, FedProx) else 0.0
+    correction = messages["correction"] if step is Scaffold.step else None
+    label_maps = messages["label_map"] if batch is LabelFlip.batch else None
+    return mu, bool(mu), correction, label_maps
 
 
 class BatchedMLP:

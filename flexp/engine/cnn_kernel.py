@@ -9,11 +9,18 @@ cross-entropy follow eager PyTorch; in float64 the step matches autograd to ~1e-
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flexp.algorithm import Algorithm, TaskLoss, client_code, hook_owner
 from flexp.flat import Replica
+from flexp.strategy.fedprox import FedProx
+from flexp.strategy.label_flip import LabelFlip
+from flexp.strategy.scaffold import Scaffold
 
 aten = torch.ops.aten
 CL = torch.channels_last
@@ -82,21 +89,44 @@ def sgd_step(params: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor, lr:
     return loss
 
 
-class PaperCnnReplica(Replica):
-    """A Replica whose training step is the hand-written kernel (autograd for batches above MAX_BATCH)."""
+def claimed() -> set[tuple[Callable, ...]]:
+    """The client sides this kernel implements exactly: FedAvg's, FedProx's and SCAFFOLD's local SGD, on the
+    labels as given or label-flipped; with the task loss F.cross_entropy."""
+    base = Algorithm
+    pairs = [(base.client_init, base.step), (FedProx.client_init, FedProx.step), (base.client_init, Scaffold.step)]
+    return {(init, batch, base.loss, step, base.client_final) for init, step in pairs
+            for batch in (base.batch, LabelFlip.batch)}
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, mu: float = 0.0,
-                   anchor: list[torch.Tensor] | None = None,
-                   correction: list[torch.Tensor] | None = None) -> torch.Tensor:
+
+CLAIMED = claimed()
+
+
+def supports(module: nn.Module, algorithm: Algorithm, task_loss: TaskLoss) -> bool:
+    """True when this kernel runs `algorithm` on `module` exactly: the paper's CNN on the CPU and a claimed pair."""
+    on_cpu = all(p.device.type == "cpu" for p in module.parameters())
+    return task_loss is F.cross_entropy and on_cpu and is_paper_cnn(module) and client_code(algorithm) in CLAIMED
+
+
+class PaperCnnReplica(Replica):
+    """A Replica whose training step is the hand-written kernel where it supports the algorithm (autograd for
+    batches above MAX_BATCH and for every algorithm it does not claim)."""
+
+    def step_for(self, algorithm: Any, task_loss: TaskLoss) -> Callable[..., Any]:
+        return self.kernel_step if supports(self.module, algorithm, task_loss) else self.train_step
+
+    def kernel_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, algorithm: Algorithm, cstate: Any,
+                    task_loss: TaskLoss) -> tuple[torch.Tensor, Any]:
         if len(x) > MAX_BATCH:
-            return super().train_step(x, y, lr, mu, anchor, correction)
+            return self.train_step(x, y, lr, algorithm, cstate, task_loss)
         with torch.no_grad():
+            x, y = algorithm.batch(x, y, cstate)
+            step = hook_owner(algorithm, "step")
             pull = None
-            if mu and anchor is not None:
-                pull = torch._foreach_mul(torch._foreach_sub(self.params, anchor), mu)
-            if correction is not None:
-                pull = list(correction) if pull is None else torch._foreach_add(pull, correction)
-            return sgd_step(self.params, x, y, lr, pull)
+            if isinstance(step, FedProx) and step.mu:
+                pull = torch._foreach_mul(torch._foreach_sub(self.params, list(cstate["anchor"].values())), step.mu)
+            if client_code(algorithm)[3] is Scaffold.step:
+                pull = self.split(cstate["correction"])
+            return sgd_step(self.params, x, y, lr, pull), cstate
 
 
 def replica_for(module: nn.Module) -> Replica:

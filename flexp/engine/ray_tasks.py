@@ -11,8 +11,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from flexp.algorithm import Algorithm, TaskLoss
 from flexp.client import ClientResult, ClientTask, LocalSpec, failed_result, local_sgd
 from flexp.config import ConfigError
 from flexp.data import Split
@@ -28,15 +30,15 @@ def import_ray() -> Any:
 
 
 def client_update(make_model: Callable[[], nn.Module], train: Split, global_params: torch.Tensor, task: ClientTask,
-                  spec: LocalSpec) -> ClientResult:
-    """One client's ClientUpdate inside a Ray worker, on one intra-op thread."""
+                  spec: LocalSpec, algorithm: Algorithm, task_loss: TaskLoss) -> ClientResult:
+    """One client's update inside a Ray worker, on one intra-op thread: the thread engine's code."""
     from flexp.engine.cnn_kernel import replica_for
 
     torch.set_num_threads(1)
     replica = replica_for(make_model().train())
     try:
         replica.load(global_params)
-        return local_sgd(replica, train.x, train.y, task, spec)
+        return local_sgd(replica, train.x, train.y, task, spec, algorithm, task_loss)
     except Exception as err:
         return failed_result(task, global_params, err)
 
@@ -45,9 +47,9 @@ class RayEngine:
     """Runs each sampled client as a Ray task with `num_cpus`/`num_gpus` each; results come back in task order."""
 
     def __init__(self, make_model: Callable[[], nn.Module], train: Split, spec: LocalSpec, address: str = "local",
-                 num_cpus: float = 1.0, num_gpus: float = 0.0) -> None:
+                 num_cpus: float = 1.0, num_gpus: float = 0.0, task_loss: TaskLoss = F.cross_entropy) -> None:
         ray = import_ray()
-        self.ray, self.make_model, self.spec = ray, make_model, spec
+        self.ray, self.make_model, self.spec, self.task_loss = ray, make_model, spec, task_loss
         self.started_here = not ray.is_initialized()
         if self.started_here:
             ray.init(address=None if address == "local" else address, include_dashboard=False,
@@ -55,10 +57,14 @@ class RayEngine:
         self.train_ref = ray.put(Split(train.x.cpu(), train.y.cpu()))
         self.remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(client_update)
 
-    def run_round(self, global_params: torch.Tensor, tasks: Sequence[ClientTask]) -> list[ClientResult]:
-        """Train every task's client from `global_params` (put in the object store once for the round)."""
+    def run_round(self, global_params: torch.Tensor, tasks: Sequence[ClientTask],
+                  algorithm: Algorithm | None = None) -> list[ClientResult]:
+        """Train every task's client from `global_params` with `algorithm` (both put in the object store once for
+        the round, the algorithm with its server state: its client hooks must not need that state)."""
         params_ref = self.ray.put(global_params.cpu())
-        futures = [self.remote.remote(self.make_model, self.train_ref, params_ref, task, self.spec) for task in tasks]
+        algorithm_ref = self.ray.put(algorithm or Algorithm())
+        futures = [self.remote.remote(self.make_model, self.train_ref, params_ref, task, self.spec, algorithm_ref,
+                                      self.task_loss) for task in tasks]
         return self.ray.get(futures)
 
     def close(self) -> None:

@@ -12,8 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from flexp.algorithm import Algorithm, TaskLoss
 from flexp.client import ClientResult, ClientTask, LocalSpec, failed_result, local_sgd
 from flexp.data import Split
 from flexp.engine.cnn_kernel import replica_for
@@ -32,32 +34,35 @@ def intra_op_threads(count: int) -> Iterator[None]:
 
 
 class ThreadEngine:
-    """Runs ClientUpdate for the sampled clients on `workers` threads; results come back in task order."""
+    """Runs the algorithm's client side for the sampled clients on `workers` threads, by autograd (or a hand
+    kernel that implements the model and algorithm exactly); results come back in task order."""
 
     def __init__(self, make_model: Callable[[], nn.Module], train: Split, spec: LocalSpec, workers: int,
-                 device: torch.device | str = "cpu") -> None:
-        self.train, self.spec, self.workers = train, spec, workers
+                 device: torch.device | str = "cpu", task_loss: TaskLoss = F.cross_entropy) -> None:
+        self.train, self.spec, self.workers, self.task_loss = train, spec, workers, task_loss
         self.replicas: queue.Queue[Replica] = queue.Queue()
         for _ in range(workers):
             self.replicas.put(replica_for(make_model().to(device).train()))
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="flexp-client") if workers > 1 else None
 
-    def _update(self, global_params: torch.Tensor, task: ClientTask) -> ClientResult:
+    def _update(self, global_params: torch.Tensor, task: ClientTask, algorithm: Algorithm) -> ClientResult:
         replica = self.replicas.get()
         try:
             replica.load(global_params)
-            return local_sgd(replica, self.train.x, self.train.y, task, self.spec)
+            return local_sgd(replica, self.train.x, self.train.y, task, self.spec, algorithm, self.task_loss)
         except Exception as err:  # one client's failure is the server's to judge, not a crash
             return failed_result(task, global_params, err)
         finally:
             self.replicas.put(replica)
 
-    def run_round(self, global_params: torch.Tensor, tasks: Sequence[ClientTask]) -> list[ClientResult]:
-        """Train every task's client from `global_params`."""
+    def run_round(self, global_params: torch.Tensor, tasks: Sequence[ClientTask],
+                  algorithm: Algorithm | None = None) -> list[ClientResult]:
+        """Train every task's client from `global_params` with `algorithm` (FedAvg when None)."""
+        algorithm = algorithm or Algorithm()
         with intra_op_threads(1):
             if self.pool is None:
-                return [self._update(global_params, t) for t in tasks]
-            return list(self.pool.map(lambda t: self._update(global_params, t), tasks))
+                return [self._update(global_params, t, algorithm) for t in tasks]
+            return list(self.pool.map(lambda t: self._update(global_params, t, algorithm), tasks))
 
     def close(self) -> None:
         if self.pool is not None:

@@ -1,58 +1,29 @@
-"""Server strategies: how the round's client weights become the next global weights. One strategy per module.
+"""The built-in algorithms (flexp.algorithm.Algorithm subclasses), one per module, and the attackers that wrap them.
 
-Each takes (global weights, client weights, client sample counts) as flat vectors and returns new global weights;
-stateful ones (server momentum, adaptive optimizers) keep their state on the object and hand it out as a
-state_dict of tensors and plain data, so a checkpoint loads with torch.load(weights_only=True).
+Stateful ones (server momentum, adaptive optimizers, control variates) keep their state on the object and hand
+it out as a state_dict of tensors and plain data, so a checkpoint loads with torch.load(weights_only=True).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Sequence
 
 import torch
 
-from flexp.config import StrategyConfig
+from flexp.algorithm import Algorithm, tensors
+from flexp.config import AttackConfig, StrategyConfig
+
+__all__ = ["Algorithm", "make_algorithm", "make_strategy", "stacked", "tensors"]
 
 
-class Strategy(Protocol):
-    """The server step of one round."""
+def make_strategy(cfg: StrategyConfig, num_clients: int = 0, lr: float = 0.0) -> Algorithm:
+    """The configured algorithm (SCAFFOLD needs K and the clients' learning rate)."""
+    from flexp.strategy import fedavg, fedavgm, fedopt, fedprox, krum, median, scaffold, trimmed_mean
 
-    def aggregate(self, global_params: torch.Tensor, params: Sequence[torch.Tensor],
-                  num_samples: Sequence[int]) -> torch.Tensor: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
-
-
-class Stateless:
-    """A strategy that keeps nothing between rounds: its state is {}."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        tensors(state, type(self).__name__, ())
-
-
-def tensors(state: Mapping[str, Any], owner: str, keys: Sequence[str]) -> dict[str, torch.Tensor]:
-    """The tensors in a loaded state_dict, each of `keys` optional; anything else is refused (ValueError)."""
-    unknown = sorted(str(k) for k in state if k not in keys)
-    if unknown:
-        raise ValueError(f"{owner} state has unknown entries {unknown}")
-    wrong = sorted(str(k) for k, v in state.items() if not isinstance(v, torch.Tensor))
-    if wrong:
-        raise ValueError(f"{owner} state entries {wrong} are not tensors")
-    return dict(state)
-
-
-def make_strategy(cfg: StrategyConfig, num_clients: int = 0, lr: float = 0.0) -> Strategy:
-    """The configured strategy (SCAFFOLD needs K and the clients' learning rate)."""
-    from flexp.strategy import fedavg, fedavgm, fedopt, krum, median, scaffold, trimmed_mean
-
-    if cfg.name in ("fedavg", "fedprox"):  # FedProx changes the clients (LocalSpec.mu), not the server
+    if cfg.name == "fedavg":
         return fedavg.FedAvg()
+    if cfg.name == "fedprox":
+        return fedprox.FedProx(cfg.mu)
     if cfg.name == "scaffold":
         return scaffold.Scaffold(num_clients, lr, cfg.server_lr)
     if cfg.name == "fedavgm":
@@ -64,6 +35,23 @@ def make_strategy(cfg: StrategyConfig, num_clients: int = 0, lr: float = 0.0) ->
     if cfg.name == "trimmed_mean":
         return trimmed_mean.TrimmedMean(cfg.trim)
     return krum.Krum(cfg.byzantine, 1 if cfg.name == "krum" else cfg.keep)
+
+
+def make_algorithm(cfg: StrategyConfig, attack: AttackConfig, num_clients: int, lr: float, seed: int,
+                   num_classes: int) -> Algorithm:
+    """The configured algorithm, wrapped in the configured attacker (its malicious clients drawn from the seed)."""
+    algorithm = make_strategy(cfg, num_clients, lr)
+    if attack.name == "none":
+        return algorithm
+    from flexp.attack import malicious_clients
+    from flexp.strategy import gaussian, label_flip, sign_flip
+
+    malicious = malicious_clients(num_clients, attack.fraction, seed)
+    if attack.name == "sign_flip":
+        return sign_flip.SignFlip(algorithm, malicious, attack.scale)
+    if attack.name == "gaussian":
+        return gaussian.Gaussian(algorithm, malicious, attack.scale, seed)
+    return label_flip.LabelFlip(algorithm, malicious, num_classes)
 
 
 def stacked(params: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -1,18 +1,9 @@
-"""FedAvg (McMahan et al. 2017): the n_k-weighted mean of the returned weights."""
+"""FedAvg (McMahan et al. 2017): plain local SGD, then the n_k-weighted mean of the returned weights."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import torch
-
-from flexp.aggregate import fedavg
-from flexp.strategy import Stateless
+from flexp.algorithm import Algorithm
 
 
-class FedAvg(Stateless):
-    """sum_k n_k w_k / sum_k n_k over the clients that returned."""
-
-    def aggregate(self, global_params: torch.Tensor, params: Sequence[torch.Tensor],
-                  num_samples: Sequence[int]) -> torch.Tensor:
-        return fedavg(params, num_samples)
+class FedAvg(Algorithm):
+    """The interface's defaults: sum_k n_k w_k / sum_k n_k over the clients that returned."""

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from flexp.aggregate import weighted_average
-from flexp.strategy import tensors
+from flexp.algorithm import Algorithm, tensors
+from flexp.client import ClientResult
 
 
 def momentum_step(global_params: torch.Tensor, average: torch.Tensor, velocity: torch.Tensor | None,
@@ -19,16 +20,15 @@ def momentum_step(global_params: torch.Tensor, average: torch.Tensor, velocity: 
     return global_params.double() - server_lr * velocity, velocity
 
 
-class FedAvgM:
+class FedAvgM(Algorithm):
     """FedAvg with server momentum; momentum=0, server_lr=1 is FedAvg exactly."""
 
     def __init__(self, server_lr: float = 1.0, momentum: float = 0.9) -> None:
         self.server_lr, self.momentum = server_lr, momentum
         self.velocity: torch.Tensor | None = None
 
-    def aggregate(self, global_params: torch.Tensor, params: Sequence[torch.Tensor],
-                  num_samples: Sequence[int]) -> torch.Tensor:
-        average = weighted_average(params, num_samples)
+    def aggregate(self, round_: int, global_params: torch.Tensor, replies: Sequence[ClientResult]) -> torch.Tensor:
+        average = weighted_average([r.params for r in replies], [r.num_samples for r in replies])
         new, self.velocity = momentum_step(global_params, average, self.velocity, self.server_lr, self.momentum)
         return new.to(global_params.dtype)
 

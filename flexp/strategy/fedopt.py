@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from flexp.aggregate import weighted_average
-from flexp.strategy import tensors
+from flexp.algorithm import Algorithm, tensors
+from flexp.client import ClientResult
 
 
 def second_moment(kind: str, v: torch.Tensor, delta: torch.Tensor, beta2: float) -> torch.Tensor:
@@ -21,7 +22,7 @@ def second_moment(kind: str, v: torch.Tensor, delta: torch.Tensor, beta2: float)
     return v - (1 - beta2) * square * torch.sign(v - square)
 
 
-class FedOpt:
+class FedOpt(Algorithm):
     """w <- w + server_lr * m / (sqrt(v) + tau), m and v moments of delta = average - w (bias-uncorrected)."""
 
     def __init__(self, kind: str, server_lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99,
@@ -30,10 +31,9 @@ class FedOpt:
         self.m: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
 
-    def aggregate(self, global_params: torch.Tensor, params: Sequence[torch.Tensor],
-                  num_samples: Sequence[int]) -> torch.Tensor:
+    def aggregate(self, round_: int, global_params: torch.Tensor, replies: Sequence[ClientResult]) -> torch.Tensor:
         w = global_params.double()
-        delta = weighted_average(params, num_samples).double() - w
+        delta = weighted_average([r.params for r in replies], [r.num_samples for r in replies]).double() - w
         if self.m is None:
             self.m, self.v = torch.zeros_like(w), torch.zeros_like(w)
         self.m = self.beta1 * self.m + (1 - self.beta1) * delta

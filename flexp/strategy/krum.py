@@ -7,7 +7,9 @@ from collections.abc import Sequence
 import torch
 
 from flexp.aggregate import weighted_average
-from flexp.strategy import Stateless, stacked
+from flexp.algorithm import Algorithm
+from flexp.client import ClientResult
+from flexp.strategy import stacked
 
 
 def krum_scores(params: Sequence[torch.Tensor], byzantine: int) -> torch.Tensor:
@@ -26,10 +28,12 @@ def multi_krum(params: Sequence[torch.Tensor], num_samples: Sequence[int], byzan
     return weighted_average([params[i] for i in chosen], [num_samples[i] for i in chosen])
 
 
-class Krum(Stateless):
+class Krum(Algorithm):
+    """Multi-Krum keeping `keep` clients (1: Krum) under at most `byzantine` attackers."""
+
     def __init__(self, byzantine: int = 1, keep: int = 1) -> None:
         self.byzantine, self.keep = byzantine, keep
 
-    def aggregate(self, global_params: torch.Tensor, params: Sequence[torch.Tensor],
-                  num_samples: Sequence[int]) -> torch.Tensor:
-        return multi_krum(params, num_samples, self.byzantine, min(self.keep, len(params)))
+    def aggregate(self, round_: int, global_params: torch.Tensor, replies: Sequence[ClientResult]) -> torch.Tensor:
+        return multi_krum([r.params for r in replies], [r.num_samples for r in replies], self.byzantine,
+                          min(self.keep, len(replies)))

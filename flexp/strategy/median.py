@@ -6,7 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
-from flexp.strategy import Stateless, stacked
+from flexp.algorithm import Algorithm
+from flexp.client import ClientResult
+from flexp.strategy import stacked
 
 
 def coordinate_median(params: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -17,9 +19,8 @@ def coordinate_median(params: Sequence[torch.Tensor]) -> torch.Tensor:
     return middle.to(params[0].dtype)
 
 
-class Median(Stateless):
+class Median(Algorithm):
     """Ignores sample counts: every returned client votes once per coordinate."""
 
-    def aggregate(self, global_params: torch.Tensor, params: Sequence[torch.Tensor],
-                  num_samples: Sequence[int]) -> torch.Tensor:
-        return coordinate_median(params)
+    def aggregate(self, round_: int, global_params: torch.Tensor, replies: Sequence[ClientResult]) -> torch.Tensor:
+        return coordinate_median([r.params for r in replies])

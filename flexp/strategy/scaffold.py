@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from flexp.aggregate import weighted_average
+from flexp.algorithm import Algorithm, Params, tensors, unflatten
 from flexp.client import ClientResult
-from flexp.strategy import tensors
 
 
 def client_control(c_i: torch.Tensor, c: torch.Tensor, x: torch.Tensor, y: torch.Tensor, steps: int,
@@ -32,8 +32,8 @@ def server_step(x: torch.Tensor, params: Sequence[torch.Tensor], num_samples: Se
     return (x.double() + server_lr * (average.double() - x.double())).to(x.dtype)
 
 
-class Scaffold:
-    """Holds c and every client's c_i (created at zero on a client's first round)."""
+class Scaffold(Algorithm):
+    """Holds c and every client's c_i (created at zero on a client's first round); sends each client c - c_i."""
 
     def __init__(self, num_clients: int, lr: float, server_lr: float = 1.0) -> None:
         self.num_clients, self.lr, self.server_lr = num_clients, lr, server_lr
@@ -47,25 +47,31 @@ class Scaffold:
         own = self.c_i.get(client)
         return (self.c if own is None else self.c - own.double()).to(global_params.dtype)
 
-    def aggregate_results(self, global_params: torch.Tensor, results: Sequence[ClientResult]) -> torch.Tensor:
+    def message(self, client: int, round_: int, params: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"correction": self.correction(client, params)}
+
+    def step(self, params: Params, grads: Params, cstate: dict[str, Any], lr: float) -> tuple[Params, dict[str, Any]]:
+        correction = unflatten(cstate["correction"], params)
+        return super().step(params, {name: g + correction[name] for name, g in grads.items()}, cstate, lr)
+
+    def wire_bytes(self, model_bytes: int) -> int:
+        """The weights and a control variate, each way."""
+        return 2 * model_bytes
+
+    def aggregate(self, round_: int, global_params: torch.Tensor, replies: Sequence[ClientResult]) -> torch.Tensor:
         """Update every returning client's c_i and the server's c, and return the new global weights."""
         if self.c is None:
             self.c = torch.zeros_like(global_params, dtype=torch.float64)
         delta_c = torch.zeros_like(self.c)
-        for r in results:
+        for r in replies:
             old = self.c_i.get(r.client, torch.zeros_like(global_params)).double()
             new = client_control(old, self.c, global_params, r.params, r.steps, self.lr)
             delta_c += new - old
             self.c_i[r.client] = new.to(global_params.dtype)  # K of them: kept in the model's dtype
-        new_global = server_step(global_params, [r.params for r in results], [r.num_samples for r in results],
+        new_global = server_step(global_params, [r.params for r in replies], [r.num_samples for r in replies],
                                  self.server_lr)
         self.c = self.c + delta_c / self.num_clients
         return new_global
-
-    def aggregate(self, global_params: torch.Tensor, params: Sequence[torch.Tensor],
-                  num_samples: Sequence[int]) -> torch.Tensor:
-        """The server step alone, for callers without client ids (c is left as it is)."""
-        return server_step(global_params, params, num_samples, self.server_lr)
 
     def state_dict(self) -> dict[str, Any]:
         """{"c": c (once there is one), "c_i": {client id: c_i}}."""

@@ -6,7 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
-from flexp.strategy import Stateless, stacked
+from flexp.algorithm import Algorithm
+from flexp.client import ClientResult
+from flexp.strategy import stacked
 
 
 def trimmed_mean(params: Sequence[torch.Tensor], beta: float) -> torch.Tensor:
@@ -19,10 +21,11 @@ def trimmed_mean(params: Sequence[torch.Tensor], beta: float) -> torch.Tensor:
     return ordered[cut:k - cut].mean(dim=0).to(params[0].dtype)
 
 
-class TrimmedMean(Stateless):
+class TrimmedMean(Algorithm):
+    """The mean of each coordinate's middle values, ignoring sample counts."""
+
     def __init__(self, beta: float = 0.1) -> None:
         self.beta = beta
 
-    def aggregate(self, global_params: torch.Tensor, params: Sequence[torch.Tensor],
-                  num_samples: Sequence[int]) -> torch.Tensor:
-        return trimmed_mean(params, self.beta)
+    def aggregate(self, round_: int, global_params: torch.Tensor, replies: Sequence[ClientResult]) -> torch.Tensor:
+        return trimmed_mean([r.params for r in replies], self.beta)

@@ -1,0 +1,104 @@
+"""The algorithm interface: what the server sends each client, what a client does per local step, what it sends
+back, and how the server turns the round's replies into the next global model. Its defaults are FedAvg.
+
+An algorithm is one subclass overriding what it changes. The server side is plain Python on flat parameter
+vectors, called once per round. The client side is written for ONE client as pure functions on dicts of tensors
+(parameter name -> tensor, as `named_parameters()` gives them): the threads and Ray engines call them per client
+with autograd, the vectorized engine `vmap`s them over the round's clients, so one definition runs everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from flexp.aggregate import fedavg
+from flexp.client import ClientResult
+
+Params = dict[str, Tensor]
+TaskLoss = Callable[..., Tensor]  # torch's loss convention: loss(output, target, reduction="mean" | "none")
+CLIENT_HOOKS = ("client_init", "batch", "loss", "step", "client_final")
+
+
+class Algorithm:
+    """FedAvg (McMahan et al. 2017): plain local SGD on the task loss, the n_k-weighted mean of the weights.
+
+    Server side: `message` (what a sampled client receives besides the weights), `receive` (each reply as it
+    arrives), `aggregate` (the next global weights, told the round number), `state_dict`/`load_state_dict`
+    (tensors and plain data only, so checkpoints load with weights_only=True).
+    Client side: `client_init` (the client's state from the weights and its message), `batch` (what it trains
+    on), `loss` (added to the task loss), `step` (one update from the gradients), `client_final` (extra tensors
+    for the reply). Client hooks must not read server state: on Ray they run on a copy of the algorithm.
+    """
+
+    def message(self, client: int, round_: int, params: Tensor) -> dict[str, Tensor]:
+        """Tensors a sampled client receives besides the global weights (same keys and shapes for every client)."""
+        return {}
+
+    def receive(self, round_: int, params: Tensor, reply: ClientResult) -> ClientResult:
+        """A client's reply as the server takes it (attackers rewrite it here)."""
+        return reply
+
+    def aggregate(self, round_: int, params: Tensor, replies: Sequence[ClientResult]) -> Tensor:
+        """The next global weights from the current ones and the round's usable replies."""
+        return fedavg([r.params for r in replies], [r.num_samples for r in replies])
+
+    def wire_bytes(self, model_bytes: int) -> int:
+        """Bytes one client receives (and sends) per round, for a model of `model_bytes`."""
+        return model_bytes
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        tensors(state, type(self).__name__, ())
+
+    def client_init(self, params: Params, message: Mapping[str, Tensor]) -> dict[str, Any]:
+        """The client's state before its first step; `params` are its start weights, never changed in place."""
+        return dict(message)
+
+    def batch(self, x: Tensor, y: Tensor, cstate: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+        """The inputs and targets the client trains on for one batch."""
+        return x, y
+
+    def loss(self, task_loss: Tensor, params: Params, cstate: Mapping[str, Any]) -> Tensor:
+        """The loss the client differentiates: the task loss plus any term of the algorithm's."""
+        return task_loss
+
+    def step(self, params: Params, grads: Params, cstate: dict[str, Any], lr: float) -> tuple[Params, dict[str, Any]]:
+        """One local update: plain SGD, w <- w - lr g. Returns new tensors (the engine keeps the old ones)."""
+        return {name: p.add(grads[name], alpha=-lr) for name, p in params.items()}, cstate
+
+    def client_final(self, start: Params, params: Params, cstate: Mapping[str, Any]) -> dict[str, Tensor]:
+        """Extra tensors for the reply (`ClientResult.extra`), besides weights, n_k, loss and step count."""
+        return {}
+
+
+def client_code(algorithm: Algorithm) -> tuple[Callable, ...]:
+    """The functions behind an algorithm's client hooks: what a hand kernel must implement exactly to run it."""
+    return tuple(getattr(getattr(algorithm, name), "__func__", getattr(algorithm, name)) for name in CLIENT_HOOKS)
+
+
+def hook_owner(algorithm: Algorithm, name: str) -> Any:
+    """The object whose `name` hook runs (a wrapper passes client hooks through to the algorithm it wraps)."""
+    return getattr(getattr(algorithm, name), "__self__", algorithm)
+
+
+def unflatten(flat: Tensor, like: Params) -> Params:
+    """A flat vector as views shaped like `like`'s tensors, in its order (the layout of the flat weights)."""
+    parts = flat.split([p.numel() for p in like.values()])
+    return {name: part.view(p.shape) for (name, p), part in zip(like.items(), parts)}
+
+
+def tensors(state: Mapping[str, Any], owner: str, keys: Sequence[str]) -> dict[str, Tensor]:
+    """The tensors in a loaded state_dict, each of `keys` optional; anything else is refused (ValueError)."""
+    unknown = sorted(str(k) for k in state if k not in keys)
+    if unknown:
+        raise ValueError(f"{owner} state has unknown entries {unknown}")
+    wrong = sorted(str(k) for k, v in state.items() if not isinstance(v, torch.Tensor))
+    if wrong:
+        raise ValueError(f"{owner} state entries {wrong} are not tensors")
+    return dict(state)

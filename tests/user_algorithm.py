@@ -1,0 +1,43 @@
+"""A user algorithm written on flexp.algorithm alone: local SGD with momentum whose velocity each client keeps
+from one round to the next (per-client state held by the server), plus a server-side round counter."""
+
+from __future__ import annotations
+
+import torch
+
+from flexp.algorithm import Algorithm, tensors, unflatten
+
+
+class LocalMomentum(Algorithm):
+    """v <- beta v + g; w <- w - lr v on the client; v travels as a message and comes back in the reply."""
+
+    def __init__(self, beta: float = 0.9) -> None:
+        self.beta = beta
+        self.velocity: dict[int, torch.Tensor] = {}
+        self.rounds = torch.zeros((), dtype=torch.int64)
+
+    def message(self, client, round_, params):
+        return {"velocity": self.velocity.get(client, torch.zeros_like(params))}
+
+    def client_init(self, params, message):
+        return {"velocity": unflatten(message["velocity"], params)}
+
+    def step(self, params, grads, cstate, lr):
+        velocity = {name: self.beta * v + grads[name] for name, v in cstate["velocity"].items()}
+        return {name: p - lr * velocity[name] for name, p in params.items()}, {"velocity": velocity}
+
+    def client_final(self, start, params, cstate):
+        return {"velocity": torch.cat([v.reshape(-1) for v in cstate["velocity"].values()])}
+
+    def aggregate(self, round_, params, replies):
+        self.rounds = self.rounds + 1
+        for r in replies:
+            self.velocity[r.client] = r.extra["velocity"]
+        return super().aggregate(round_, params, replies)
+
+    def state_dict(self):
+        return {"velocity": dict(self.velocity), "rounds": self.rounds}
+
+    def load_state_dict(self, state):
+        self.velocity = tensors(state["velocity"], "momentum velocity", list(state["velocity"]))
+        self.rounds = state["rounds"]
