@@ -60,7 +60,8 @@ class BaselineConfig:
 
 @dataclass(frozen=True)
 class DatasetConfig:
-    """Which dataset, where it is cached, and the synthetic generator's parameters."""
+    """Which dataset, where it is cached, and the synthetic generator's parameters; or a `_target_` callable
+    (`target`) and its keyword arguments (`options`)."""
 
     name: str
     root: Path | None = None
@@ -72,6 +73,8 @@ class DatasetConfig:
     classes: int = 10
     test_fraction: float = 0.2
     seed: int = 0
+    target: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -282,6 +285,12 @@ def _baseline(tree: Mapping[str, Any]) -> BaselineConfig:
 
 def _dataset(tree: Mapping[str, Any]) -> DatasetConfig:
     s = _Section(tree, "dataset")
+    if "_target_" in s.node or "name" not in s.node:
+        return _target_dataset(s)
+    known = [f.name for f in fields(DatasetConfig) if f.name not in ("target", "options")]
+    for key in s.node:
+        if key not in known:
+            raise ConfigError(s.key(key), None, f"unknown key; dataset has {', '.join(known)} (or _target_)")
     name = s.choice("name", DATASETS)
     if name == "mnist":
         return DatasetConfig(name=name, root=Path(s.text("root")).expanduser())
@@ -296,6 +305,53 @@ def _dataset(tree: Mapping[str, Any]) -> DatasetConfig:
         test_fraction=s.number("test_fraction", low=0.0, high=0.9, strict_low=True),
         seed=s.integer("seed", default=0),
     )
+
+
+def _target_dataset(s: _Section) -> DatasetConfig:
+    """dataset._target_: an importable callable whose signature takes every other key under `dataset`."""
+    target = s.raw("_target_", None)
+    if not isinstance(target, str) or not target.strip():
+        raise ConfigError("dataset._target_", target, "must name a callable returning a dataset, e.g. "
+                                                      "dataset=custom dataset._target_=mypkg.make_data")
+    options = {k: v for k, v in s.node.items() if k != "_target_"}
+    for key, value in options.items():
+        if value == "???":
+            raise ConfigError(s.key(key), None, "is missing")
+    check_arguments(s.key("_target_"), target, options)
+    name = options.get("name")
+    if not isinstance(name, str):
+        name = target.rsplit(".", 1)[-1].removeprefix("load_")
+    return DatasetConfig(name=name, target=target, options=options)
+
+
+def check_arguments(key: str, target: str, options: Mapping[str, Any]) -> None:
+    """Refuse (naming `section.argument`) a `_target_` that cannot be imported or keys its signature does not take."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    try:
+        func = get_object(target)
+    except Exception as err:  # noqa: BLE001 - any import failure is the user's target
+        raise ConfigError(key, target, f"cannot be imported ({' '.join(str(err).split())[:200]})") from None
+    if not callable(func):
+        raise ConfigError(key, target, "is not callable")
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return
+    section = key.rsplit(".", 1)[0]
+    given = {k: v for k, v in options.items() if not (k.startswith("_") and k.endswith("_"))}
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        takes = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        for name in given:
+            if name not in takes:
+                raise ConfigError(f"{section}.{name}", None, f"unknown key; {target} takes {', '.join(takes)}")
+    if "_args_" not in options:
+        for name, p in params.items():
+            needed = p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            if needed and name not in given:
+                raise ConfigError(f"{section}.{name}", None, f"is missing ({target} needs it)")
 
 
 def _partition(tree: Mapping[str, Any]) -> PartitionConfig:
@@ -360,6 +416,7 @@ SECTIONS = {"fl": FLConfig, "baseline": BaselineConfig, "dataset": DatasetConfig
             "clients": ClientsConfig, "attack": AttackConfig, "data": DataConfig,
             "checkpoint": CheckpointConfig}
 TOP_LEVEL = ("mode", "seed", "report", "resume", *SECTIONS)
+OPEN_SECTIONS = ("dataset",)  # a `_target_` callable's own keyword arguments live here; checked in parse_config
 
 
 def check_key(path: str) -> None:
@@ -367,7 +424,7 @@ def check_key(path: str) -> None:
     head, _, rest = path.partition(".")
     if head not in TOP_LEVEL:
         raise ConfigError(path, None, f"unknown key; top-level keys are {', '.join(TOP_LEVEL)}")
-    if head in SECTIONS and rest:
+    if head in SECTIONS and rest and head not in OPEN_SECTIONS:
         known = [f.name for f in fields(SECTIONS[head]) if f.name != "raw"]
         if rest.split(".")[0] not in known:
             raise ConfigError(path, None, f"unknown key; {head} has {', '.join(known)}")

@@ -65,7 +65,8 @@ def make_partition(cfg: ExperimentConfig, data: Dataset) -> list[torch.Tensor]:
         if p.name == "dirichlet":
             return partitions.dirichlet(labels, k, p.alpha, cfg.seed)
         if data.train_groups is None:
-            raise ValueError(f"dataset {data.name} has no natural clients")
+            raise ValueError(f"dataset {data.name} has no natural clients (npz: a client_train array; "
+                             "huggingface: dataset.client_column)")
         return partitions.natural(data.train_groups, k)
     except ValueError as err:
         raise ConfigError(f"partition={p.name} with fl.clients", k, str(err)) from None

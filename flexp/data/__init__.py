@@ -3,44 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from flexp.config import DatasetConfig
+from flexp.config import ConfigError, DatasetConfig
+from flexp.data.federated import Dataset, DatasetError, FederatedDataset, Split, as_federated
+
+__all__ = ["Dataset", "DatasetError", "FederatedDataset", "Split", "load_dataset"]
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
-
-
-@dataclass(frozen=True)
-class Split:
-    """Inputs and labels of one split, ready for the model."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def to(self, device: torch.device | str) -> Split:
-        return Split(self.x.to(device), self.y.to(device))
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """A train/test pair plus what the model and partitions need to know about it."""
-
-    name: str
-    train: Split
-    test: Split
-    input_shape: tuple[int, ...]
-    num_classes: int
-    train_groups: np.ndarray | None = None
-
-    def to(self, device: torch.device | str) -> Dataset:
-        return Dataset(self.name, self.train.to(device), self.test.to(device), self.input_shape,
-                       self.num_classes, self.train_groups)
 
 
 def _mnist_images(raw: torch.Tensor) -> torch.Tensor:
@@ -65,11 +37,32 @@ def load_synthetic_dataset(cfg: DatasetConfig) -> Dataset:
     train, test = split_per_user(users, cfg.test_fraction, cfg.seed)
     return Dataset("synthetic", Split(torch.from_numpy(x[train]), torch.from_numpy(y[train])),
                    Split(torch.from_numpy(x[test]), torch.from_numpy(y[test])), (cfg.features,),
-                   cfg.classes, users[train])
+                   cfg.classes, users[train], users[test], np.arange(cfg.users))
+
+
+def load_target_dataset(cfg: DatasetConfig) -> FederatedDataset:
+    """Call dataset._target_ with its keyword arguments (Hydra's instantiate) and take what it returns as data."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from flexp.data.mnist import DataSourceError
+
+    try:
+        result = instantiate({"_target_": cfg.target, **cfg.options}, _convert_="all")
+    except InstantiationException as err:
+        if isinstance(err.__cause__, (ConfigError, DataSourceError)):
+            raise err.__cause__ from None
+        raise
+    try:
+        return as_federated(result, cfg.name)
+    except DatasetError as err:
+        raise ConfigError("dataset._target_", cfg.target, str(err)) from None
 
 
 def load_dataset(cfg: DatasetConfig, log: Callable[[str], None] = print) -> Dataset:
     """Load the configured dataset."""
+    if cfg.target is not None:
+        return load_target_dataset(cfg)
     if cfg.name == "mnist":
         return load_mnist_dataset(cfg, log)
     return load_synthetic_dataset(cfg)
