@@ -1,0 +1,21 @@
+"""flexp: federated-learning experiments from Hydra configs. Python API (imported on first use, so `import flexp`
+and `python -m flexp` stay quick): `flexp.compose(overrides) -> config`, `flexp.run(cfg) -> flexp.Result`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["Result", "compose", "run"]
+
+
+def __getattr__(name: str) -> Any:
+    """compose and Result from flexp.api; `run` is the flexp.run module, which calls flexp.api.run when called."""
+    if name == "run":
+        import importlib
+
+        return importlib.import_module("flexp.run")
+    if name in ("compose", "Result"):
+        from flexp import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'flexp' has no attribute {name!r}")

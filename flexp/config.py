@@ -89,10 +89,24 @@ class PartitionConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which network to train."""
+    """Which network to train: a built-in by name, or any callable returning an nn.Module (`_target_`) with its
+    keyword arguments; `factory` is a model handed to flexp.run from Python (a module or a callable)."""
 
     name: str
     hidden: int = 200
+    target: str | None = None
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    factory: Any = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class CallbackConfig:
+    """One round callback: its name (the prefix of its metrics), the callable to build and its keyword arguments."""
+
+    name: str
+    target: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    key: str = "callbacks"
 
 
 @dataclass(frozen=True)
@@ -186,6 +200,7 @@ class ExperimentConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    callbacks: tuple[CallbackConfig, ...] = ()
     resume: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -364,9 +379,47 @@ def _partition(tree: Mapping[str, Any]) -> PartitionConfig:
     )
 
 
+MODEL_KEYS = ("name", "hidden", "_target_")
+
+
 def _model(tree: Mapping[str, Any]) -> ModelConfig:
+    """A built-in model (name, hidden; other keys are typos) or `_target_` with any keyword arguments."""
     s = _Section(tree, "model")
+    if "_target_" in s.node:
+        target = s.text("_target_")
+        name = s.text("name", default=target.rpartition(".")[2])
+        return ModelConfig(name=name, target=target,
+                           kwargs={k: v for k, v in s.node.items() if k not in ("name", "_target_")})
+    if "name" not in s.node:
+        raise ConfigError("model._target_", None, "is missing: model=custom needs model._target_=module.Callable")
+    for key in s.node:
+        if key not in MODEL_KEYS:
+            raise ConfigError(s.key(key), None, f"unknown key; model has {', '.join(MODEL_KEYS)} (other keys are "
+                                                "keyword arguments of a model._target_)")
     return ModelConfig(name=s.choice("name", MODELS), hidden=s.integer("hidden", low=1, default=200))
+
+
+def _callbacks(tree: Mapping[str, Any]) -> tuple[CallbackConfig, ...]:
+    """`callbacks`: a list, or a mapping from name to entry, of `{_target_: ..., keyword arguments}`."""
+    node = tree.get("callbacks") or {}
+    if isinstance(node, Mapping):
+        entries = [(str(name), f"callbacks.{name}", entry) for name, entry in node.items()]
+    elif isinstance(node, (list, tuple)):
+        entries = [(None, f"callbacks[{i}]", entry) for i, entry in enumerate(node)]
+    else:
+        raise ConfigError("callbacks", node, "must be a list or a mapping of {_target_: ...} entries")
+    out = []
+    for name, key, entry in entries:
+        target = entry.get("_target_") if isinstance(entry, Mapping) else None
+        if not isinstance(target, str) or not target.strip():
+            raise ConfigError(f"{key}._target_", target, "must name a callable (module.Class)")
+        kwargs = {k: v for k, v in entry.items() if k != "_target_"}
+        name = name or target.rpartition(".")[2]
+        taken = {c.name for c in out}
+        name = next(f"{name}_{i}" for i in range(2, len(out) + 3) if f"{name}_{i}" not in taken) \
+            if name in taken else name
+        out.append(CallbackConfig(name, target, kwargs, key))
+    return tuple(out)
 
 
 def _engine(tree: Mapping[str, Any]) -> EngineConfig:
@@ -415,8 +468,8 @@ SECTIONS = {"fl": FLConfig, "baseline": BaselineConfig, "dataset": DatasetConfig
             "model": ModelConfig, "engine": EngineConfig, "tracking": TrackingConfig, "strategy": StrategyConfig,
             "clients": ClientsConfig, "attack": AttackConfig, "data": DataConfig,
             "checkpoint": CheckpointConfig}
-TOP_LEVEL = ("mode", "seed", "report", "resume", *SECTIONS)
-OPEN_SECTIONS = ("dataset",)  # a `_target_` callable's own keyword arguments live here; checked in parse_config
+TOP_LEVEL = ("mode", "seed", "report", "resume", "callbacks", *SECTIONS)
+OPEN_SECTIONS = ("dataset", "model")  # keys depend on the chosen option (a _target_'s arguments); checked when parsed
 
 
 def check_key(path: str) -> None:
@@ -497,6 +550,7 @@ def parse_config(tree: Mapping[str, Any]) -> ExperimentConfig:
         attack=_attack(tree),
         data=_data(tree),
         checkpoint=_checkpoint(tree),
+        callbacks=_callbacks(tree),
         resume=_resume(tree),
         raw=tree,
     )

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import logging
+import sys
+import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -15,13 +17,14 @@ from torch import nn
 from flexp import checkpoint
 from flexp import partition as partitions
 from flexp.baseline import run_baseline
+from flexp.callbacks import Callback, RoundData, build_callbacks, run_callbacks
 from flexp.client import LocalSpec
 from flexp.config import ConfigError, ExperimentConfig
 from flexp.data import Dataset, load_dataset
 from flexp.engine import make_engine
 from flexp.fedavg import Conditions, RoundRecord, ServerState, TrainingResult, run_fedavg
 from flexp.flat import load_flat
-from flexp.models import build_model, count_parameters
+from flexp.models import ModelFactory, count_parameters
 from flexp.progress import Progress
 from flexp.strategy import make_algorithm
 from flexp.tracking import flatten
@@ -49,6 +52,7 @@ class Prepared:
     partition: Sequence[torch.Tensor]
     model: nn.Module
     device: torch.device
+    callbacks: Sequence[tuple[str, Callback]] = ()
 
 
 def make_partition(cfg: ExperimentConfig, data: Dataset) -> list[torch.Tensor]:
@@ -86,7 +90,8 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
     parts = make_partition(cfg, data) if cfg.mode == "federated" else []
     torch.manual_seed(cfg.seed)
     model = new_model(cfg, data).to(device)
-    return Prepared(data.to(device), parts, model, device)
+    callbacks = build_callbacks(cfg.callbacks) if cfg.mode == "federated" else []
+    return Prepared(data.to(device), parts, model, device, callbacks)
 
 
 def run_name(cfg: ExperimentConfig) -> str:
@@ -100,7 +105,7 @@ def run_name(cfg: ExperimentConfig) -> str:
 
 def new_model(cfg: ExperimentConfig, data: Dataset) -> nn.Module:
     """A freshly initialised model of the configured kind for `data`."""
-    return build_model(cfg.model.name, data.input_shape, data.num_classes, cfg.model.hidden)
+    return ModelFactory(cfg.model, data.input_shape, data.num_classes)()
 
 
 def train(cfg: ExperimentConfig, ready: Prepared, on_record: Callable[[RoundRecord], None],
@@ -111,7 +116,7 @@ def train(cfg: ExperimentConfig, ready: Prepared, on_record: Callable[[RoundReco
         return run_baseline(ready.model, ready.data.train, ready.data.test, cfg.baseline, cfg.seed,
                             cfg.fl.target_accuracy, on_record)
     spec = LocalSpec(cfg.fl.local_epochs, cfg.fl.batch_size, cfg.fl.lr)
-    make_model = partial(build_model, cfg.model.name, ready.data.input_shape, ready.data.num_classes, cfg.model.hidden)
+    make_model = ModelFactory(cfg.model, ready.data.input_shape, ready.data.num_classes)
     engine = make_engine(cfg.engine, make_model, ready.data.train, spec, ready.device)
     try:
         algorithm = make_algorithm(cfg.strategy, cfg.attack, cfg.fl.clients, cfg.fl.lr, cfg.seed,
@@ -137,14 +142,36 @@ def checkpointer(cfg: ExperimentConfig, directory: Path | None, run_id: str) -> 
     return on_state
 
 
+OnState = Callable[[ServerState], None]
+
+
+def with_callbacks(ready: Prepared, on_state: OnState) -> tuple[OnState, dict[int, dict[str, float]]]:
+    """`on_state` that also runs the configured callbacks after each evaluated round, and {round: their metrics}."""
+    if not ready.callbacks:
+        return on_state, {}
+    found: dict[int, dict[str, float]] = {}
+    holder = copy.deepcopy(ready.model)
+    data = RoundData(ready.data.train, ready.data.test, ready.partition, ready.data.num_classes)
+
+    def on_state_and_callbacks(state: ServerState) -> None:
+        on_state(state)
+        if state.history and state.history[-1].test_accuracy is not None:
+            model = load_flat(holder, state.params)
+            found[state.round] = run_callbacks(ready.callbacks, state.round, state, model, data)
+
+    return on_state_and_callbacks, found
+
+
 def execute(cfg: ExperimentConfig, tracker: Tracker, tags: Mapping[str, str], config_yaml: str,
-            output_dir: Path | None = None, resume: checkpoint.Checkpoint | None = None) -> TrainingResult:
-    """Prepare, then train inside one tracked run that always ends FINISHED, FAILED or KILLED.
+            output_dir: Path | None = None, resume: checkpoint.Checkpoint | None = None,
+            ready: Prepared | None = None) -> TrainingResult:
+    """Prepare (unless `ready` is given), then train inside one tracked run that always ends FINISHED, FAILED or
+    KILLED.
 
     With `resume`, the checkpoint's MLflow run is reopened, rounds it lacks are logged from the checkpoint, and
     training goes on from the checkpoint's round.
     """
-    ready = prepare(cfg)
+    ready = ready or prepare(cfg)
     unit = "epoch" if cfg.mode == "baseline" else "round"
     total = cfg.baseline.epochs if cfg.mode == "baseline" else cfg.fl.rounds
     tags = {**tags, "flexp.mode": cfg.mode, "flexp.output_dir": str(output_dir or "")}
@@ -164,12 +191,14 @@ def execute(cfg: ExperimentConfig, tracker: Tracker, tags: Mapping[str, str], co
                     tracker.log_metrics(record.metrics(), step=record.round)
             log.info("resuming after round %d of %d (output dir %s)", resume.state.round, total, output_dir)
 
+        on_state, callback_metrics = with_callbacks(ready, checkpointer(cfg, output_dir, run_id))
+
         def on_record(record: RoundRecord) -> None:
-            tracker.log_metrics(record.metrics(), step=record.round)
+            tracker.log_metrics({**record.metrics(), **callback_metrics.pop(record.round, {})}, step=record.round)
             progress.update(record)
 
         state = resume.state if resume else None
-        result = train(cfg, ready, on_record, state, checkpointer(cfg, output_dir, run_id))
+        result = train(cfg, ready, on_record, state, on_state)
         progress.close()
         summary = result.summary()
         trained = resume is None or len(result.history) > len(resume.state.history)
@@ -186,3 +215,16 @@ def execute(cfg: ExperimentConfig, tracker: Tracker, tags: Mapping[str, str], co
     finally:
         progress.close()
         tracker.finish(status)
+
+
+class CallableModule(types.ModuleType):
+    """`flexp.run(cfg, ...)` is the Python API: Python makes the package's `run` attribute this module on import,
+    so calling the module runs flexp.api.run."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from flexp.api import run
+
+        return run(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = CallableModule

@@ -31,6 +31,9 @@ CASES = [
     (["attack.fraction=1.2"], "attack.fraction"),
     (["data.arrival=sometimes"], "data.arrival"),
     (["data.arrival_start=0"], "data.arrival_start"),
+    (["model.hiden=3"], "model.hiden"),
+    (["model=custom", "model._target_=no_such.Net"], "model._target_"),
+    (["callbacks.fair._target_=no_such.Callback"], "callbacks.fair._target_"),
 ]
 
 
@@ -83,6 +86,6 @@ def test_unknown_options_are_listed_from_every_search_path_dir(user_dir, where, 
     dirs = ["-cd", str(user_dir)] if where == "--config-dir" else [f"hydra.searchpath=[file://{user_dir}]"]
     check_group_choices([*dirs, "model=wide", "+sweep=mine,table1"])
     assert one_error_line([*dirs, "model=wide,resnet"], capsys).endswith(
-        "model='resnet': unknown model; choose one of 2nn, cnn, logreg, wide")
+        "model='resnet': unknown model; choose one of 2nn, cnn, custom, logreg, wide")
     assert "choose one of mine, table1, table1_quick, table2, table2_quick" in one_error_line([*dirs, "+sweep=x"],
                                                                                              capsys)

@@ -1,8 +1,11 @@
+import re
+
 import pytest
 import torch
+from conftest import SMALL, run_cli
 
 from flexp.config import ConfigError
-from flexp.models import build_model, count_parameters
+from flexp.models import ModelFactory, build_model, count_parameters
 
 
 @pytest.mark.parametrize("name, expected", [("2nn", 199_210), ("cnn", 1_663_370), ("logreg", 7_850)])
@@ -15,3 +18,64 @@ def test_parameter_counts_match_the_paper(name, expected):
 def test_cnn_refuses_non_image_input():
     with pytest.raises(ConfigError, match="model.name"):
         build_model("cnn", (60,), 10)
+
+
+class Wide(torch.nn.Module):
+    """A user model taking the dataset's shape and one keyword argument of its own."""
+
+    def __init__(self, input_shape, num_classes, width=4):
+        super().__init__()
+        self.width = width
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(input_shape[0], width), torch.nn.ReLU(),
+                                        torch.nn.Linear(width, num_classes))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_target_model_gets_its_arguments_and_the_dataset_shape():
+    cfg = parse_model({"_target_": f"{__name__}.Wide", "width": 8})
+    model = ModelFactory(cfg, (5,), 3)()
+    assert isinstance(model, Wide) and model.width == 8 and cfg.name == "Wide"
+    assert model(torch.zeros(2, 5)).shape == (2, 3)
+
+
+def test_target_without_shape_parameters_is_called_with_its_own_arguments_only():
+    cfg = parse_model({"_target_": "torch.nn.Linear", "in_features": 5, "out_features": 3})
+    assert ModelFactory(cfg, (5,), 3)().weight.shape == (3, 5)
+
+
+@pytest.mark.parametrize("node, match", [
+    ({"name": "2nn", "hiden": 3}, "model.hiden: unknown key"),
+    ({"_target_": "no_such_module.Net"}, "model._target_='no_such_module.Net': cannot be imported"),
+    ({"_target_": "torch.nn.Linear", "wdth": 3}, "model._target_='torch.nn.Linear': failed to build"),
+    ({"_target_": "math.sqrt"}, "model._target_='math.sqrt': failed to build"),
+    ({"_target_": "builtins.dict"}, "returned dict, not a torch.nn.Module"),
+    ({}, "model._target_: is missing"),
+])
+def test_bad_model_config_names_the_key(node, match):
+    with pytest.raises(ConfigError, match=re.escape(match)):
+        ModelFactory(parse_model(node), (5,), 3)()
+
+
+def parse_model(node):
+    from flexp.config import _model
+
+    return _model({"model": node})
+
+
+def test_cli_custom_model_from_a_user_package_and_from_a_user_config_dir(tmp_path):
+    (tmp_path / "userpkg.py").write_text(
+        "from torch import nn\n"
+        "def net(input_shape, num_classes, width):\n"
+        "    return nn.Sequential(nn.Linear(input_shape[0], width), nn.ReLU(), nn.Linear(width, num_classes))\n")
+    (tmp_path / "conf" / "model").mkdir(parents=True)
+    (tmp_path / "conf" / "model" / "mine.yaml").write_text("_target_: userpkg.net\nwidth: 5\n")
+    small = [a for a in SMALL if a not in ("fl.rounds=3", "model=logreg")] + ["fl.rounds=1", "tracking.log_model=false"]
+    for args in (["model=custom", "model._target_=userpkg.net", "model.width=7"],
+                 ["--config-dir", str(tmp_path / "conf"), "model=mine"]):
+        proc = run_cli([*args[:-1], *small, args[-1]], tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        width = 7 if "model=custom" in args else 5
+        expected = 60 * width + width + width * 10 + 10  # synthetic: 60 features, 10 classes
+        assert f"{expected} parameters" in proc.stderr + proc.stdout

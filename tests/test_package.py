@@ -97,4 +97,4 @@ def test_the_flexp_command_starts_its_help_with_flexps_usage(installed):
     presets = next(line for line in head.splitlines() if line.startswith("Presets"))
     sweeps = next(line for line in head.splitlines() if line.startswith("Sweeps"))
     assert "mine" in presets and "mnist_2nn_iid" in presets and "table1_quick" in sweeps
-    assert "model: 2nn, cnn, logreg, wide" in hydra_part
+    assert "model: 2nn, cnn, custom, logreg, wide" in hydra_part
