@@ -80,7 +80,8 @@ def app() -> Asgi:
 
 
 def register() -> None:
-    """Make `--app-name flexp` known to MLflow, as a `mlflow.app` entry point in an installed package would."""
+    """Make `--app-name flexp` known to MLflow where flexp's `mlflow.app` entry point is not installed (a checkout
+    on the path without `pip install`)."""
     from importlib.metadata import EntryPoint
 
     import mlflow.utils.plugins as plugins
