@@ -118,14 +118,14 @@ def main(cfg: DictConfig) -> float | None:
     tracker = TrackingWriter(config.tracking)
     tracker.resume_hint = f"To log the rest later: python -m flexp resume={output_dir}"
     from flexp.data.mnist import DataSourceError
-    from flexp.fedavg import ClientFailure, Diverged
+    from flexp.fedavg import AllClientsFailed, ClientFailure, Diverged
     from flexp.run import execute
 
     try:
         result = execute(config, tracker, sweep_tags(), OmegaConf.to_yaml(cfg), output_dir, resume)
     except (ConfigError, TrackingError) as err:
         fail(str(err))
-    except (DataSourceError, ClientFailure, Diverged) as err:
+    except (DataSourceError, AllClientsFailed, ClientFailure, Diverged) as err:
         last = f" The last good checkpoint is in {output_dir}." if isinstance(err, Diverged) else ""
         fail(" | ".join(str(err).splitlines()) + last, code=1)
     except KeyboardInterrupt:

@@ -22,6 +22,7 @@ from flexp.flat import flat_parameters, load_flat
 from flexp.metrics import evaluate, rounds_to_target
 
 log = logging.getLogger("flexp")
+FAILED_ROUNDS = 3  # a run whose first rounds all fail entirely stops after this many
 
 
 class Engine(Protocol):
@@ -133,6 +134,10 @@ class Diverged(RuntimeError):
     """The test loss became NaN or infinite."""
 
 
+class AllClientsFailed(RuntimeError):
+    """Every client failed in each of the run's first FAILED_ROUNDS rounds: no update was ever averaged."""
+
+
 def failure(update: ClientResult) -> str | None:
     """Why a client's result cannot be averaged (it raised, or sent NaN/inf weights), else None."""
     if update.error is not None:
@@ -142,9 +147,10 @@ def failure(update: ClientResult) -> str | None:
     return None
 
 
-def usable(updates: Sequence[ClientResult], round_: int, policy: str) -> list[ClientResult]:
-    """The updates to average: failed clients are logged and left out, or abort the run when policy is `abort`."""
-    good = []
+def usable(updates: Sequence[ClientResult], round_: int, policy: str) -> tuple[list[ClientResult], list[str]]:
+    """(the updates to average, "client k: why" for each failed one): failed clients are logged and left out, or
+    abort the run when policy is `abort`."""
+    good, failed = [], []
     for update in updates:
         why = failure(update)
         if why is None:
@@ -153,7 +159,20 @@ def usable(updates: Sequence[ClientResult], round_: int, policy: str) -> list[Cl
         if policy == "abort":
             raise ClientFailure(f"round {round_}: client {update.client} failed: {why} (engine.on_client_error=abort)")
         log.warning("round %d: client %d failed and is left out: %s", round_, update.client, why)
-    return good
+        failed.append(f"client {update.client}: {why}")
+    return good, failed
+
+
+def failed_from_start(history: Sequence[RoundRecord], rounds: int) -> bool:
+    """True once the first min(FAILED_ROUNDS, rounds) rounds are done and every client that returned in them failed."""
+    return len(history) == min(FAILED_ROUNDS, rounds) and all(r.clients == 0 and r.failed_clients for r in history)
+
+
+def all_failed(history: Sequence[RoundRecord], first_error: str) -> AllClientsFailed:
+    """The error that ends a run in which no client update was ever usable."""
+    n = len(history)
+    rounds = "round 1" if n == 1 else f"each of rounds 1-{n}"
+    return AllClientsFailed(f"every client failed in {rounds}, so the run stopped (first error, {first_error})")
 
 
 def round_tasks(partition: Sequence[torch.Tensor], returned: Sequence[int], slow: dict[int, int], seed: int,
@@ -170,13 +189,15 @@ def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split,
                resume: ServerState | None = None,
                on_state: Callable[[ServerState], None] = lambda s: None) -> TrainingResult:
     """Run FedAvg (or another algorithm, `strategy`) from `model`'s weights, or from `resume`; `model` ends holding
-    the final weights. `on_state` sees the server after each round, before `on_round` (checkpoint, then log)."""
+    the final weights. `on_state` sees the server after each round, before `on_round` (checkpoint, then log). Raises
+    Diverged on a non-finite test loss, AllClientsFailed once every client failed in each of the first rounds."""
     cond = conditions or Conditions()
     state = resume or ServerState(0, flat_parameters(model), strategy or Algorithm(), [])
     algorithm = state.strategy
     global_params = state.params
     model_bytes = algorithm.wire_bytes(global_params.numel() * global_params.element_size())
     result = TrainingResult(global_params, list(state.history), target=fl.target_accuracy)
+    first_error = ""
     for round_ in range(state.round + 1, fl.rounds + 1):
         if reached_target(fl, result.history):
             break
@@ -187,9 +208,11 @@ def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split,
         tasks = round_tasks(partition, returned, slow, seed, round_, cond.data, algorithm, global_params)
         updates = engine.run_round(global_params, tasks, algorithm) if tasks else []
         updates = [algorithm.receive(round_, global_params, u) for u in updates]
-        good = usable(updates, round_, cond.on_client_error)
+        good, failed = usable(updates, round_, cond.on_client_error)
+        first_error = first_error or (f"round {round_}, {failed[0]}" if failed else "")
         if not good:
-            log.warning("round %d: no client returned a usable update; the global model is unchanged", round_)
+            log.warning("round %d: %s; the global model is unchanged", round_,
+                        "every client failed" if failed else "no client returned")
         else:
             global_params = algorithm.aggregate(round_, global_params, good)
         n_total = sum(u.num_samples for u in good)
@@ -210,6 +233,8 @@ def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split,
         result.params = global_params
         on_state(ServerState(round_, global_params, algorithm, result.history))
         on_round(record)
+        if failed_from_start(result.history, fl.rounds):
+            raise all_failed(result.history, first_error)
     load_flat(model, global_params)
     return result
 

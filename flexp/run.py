@@ -95,12 +95,14 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
 
 
 def run_name(cfg: ExperimentConfig) -> str:
-    """A short, readable run name: what trained where, with the knobs that matter."""
+    """A run name with the knobs that vary first (K C E B, or the baseline's B), then strategy, model, dataset and
+    partition: the MLflow runs table shows only a name's first ~23 characters."""
+    batch = f"B{(cfg.baseline.batch_size if cfg.mode == 'baseline' else cfg.fl.batch_size) or 'inf'}"
     if cfg.mode == "baseline":
-        return f"baseline-{cfg.model.name}-{cfg.dataset.name}-B{cfg.baseline.batch_size or 'inf'}"
+        return f"baseline {batch} {cfg.model.name} {cfg.dataset.name}"
     fl = cfg.fl
-    return (f"{cfg.strategy.name}-{cfg.model.name}-{cfg.dataset.name}-{cfg.partition.name}"
-            f"-K{fl.clients}-C{fl.fraction:g}-E{fl.local_epochs}-B{fl.batch_size or 'inf'}")
+    return (f"K{fl.clients} C{fl.fraction:g} E{fl.local_epochs} {batch} "
+            f"{cfg.strategy.name} {cfg.model.name} {cfg.dataset.name} {cfg.partition.name}")
 
 
 def new_model(cfg: ExperimentConfig, data: Dataset) -> nn.Module:

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 PARAM_LIMIT = 6000
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"  # MLflow 3: "Machine learning", not GenAI
 T = TypeVar("T")
 
 
@@ -77,7 +78,8 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 def open_experiment(uri: str, experiment: str) -> tuple[Any, str]:
     """(MlflowClient, experiment id) for `experiment` in the store at `uri`, creating both if needed.
 
-    A sqlite store's artifacts go beside its database (<db dir>/mlartifacts) rather than into the cwd.
+    A sqlite store's artifacts go beside its database (<db dir>/mlartifacts) rather than into the cwd. An
+    experiment without an `mlflow.experimentKind` tag gets KIND (a kind the user set stays).
     """
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -92,10 +94,12 @@ def open_experiment(uri: str, experiment: str) -> tuple[Any, str]:
     client = MlflowClient(tracking_uri=uri)
     found = retrying(client.get_experiment_by_name)(experiment)
     if found is not None:
+        if KIND_TAG not in found.tags:
+            retrying(client.set_experiment_tag)(found.experiment_id, KIND_TAG, KIND)
         return client, found.experiment_id
     try:
         return client, retrying(client.create_experiment)(experiment, artifact_location=artifact_location,
-                                                          tags={"mlflow.experimentKind": "custom_model_development"})
+                                                          tags={KIND_TAG: KIND})
     except Exception:  # another job created it first
         found = retrying(client.get_experiment_by_name)(experiment)
         if found is None:

@@ -1,5 +1,6 @@
 """Clients that raise or send NaN, a diverging run, and tracking that fails: the run is never lost."""
 
+import dataclasses
 import math
 import socket
 import time
@@ -12,7 +13,7 @@ import flexp.engine.threads as threads
 from flexp.client import LocalSpec
 from flexp.config import DatasetConfig, FLConfig, TrackingConfig
 from flexp.data import load_dataset
-from flexp.fedavg import ClientFailure, Conditions, run_fedavg
+from flexp.fedavg import AllClientsFailed, ClientFailure, Conditions, run_fedavg
 from flexp.models import build_model
 from flexp.partition import natural
 from flexp.strategy.fedavg import FedAvg
@@ -52,13 +53,29 @@ def flaky(monkeypatch):
     return calls
 
 
-def _run(policy: str, strategy=None):
+@pytest.fixture
+def failing_first(monkeypatch):
+    """Every client update raises, for the first `calls[0]` updates of the run (default: all of them)."""
+    calls = [math.inf, 0]
+    real = threads.local_sgd
+
+    def local_sgd(model, x, y, task, spec):
+        calls[1] += 1
+        if calls[1] <= calls[0]:
+            raise RuntimeError(f"GPU {task.client} on fire")
+        return real(model, x, y, task, spec)
+
+    monkeypatch.setattr(threads, "local_sgd", local_sgd)
+    return calls
+
+
+def _run(policy: str, strategy=None, fl: FLConfig = FL, on_round=lambda r: None):
     data = load_dataset(SYNTH)
     torch.manual_seed(0)
     model = build_model("logreg", data.input_shape, data.num_classes)
     engine = threads.ThreadEngine(lambda: build_model("logreg", data.input_shape, data.num_classes), data.train,
-                                  LocalSpec(1, 10, FL.lr), workers=2)
-    return run_fedavg(model, natural(data.train_groups, 12), data.test, FL, engine, 3, strategy=strategy,
+                                  LocalSpec(1, 10, fl.lr), workers=2)
+    return run_fedavg(model, natural(data.train_groups, 12), data.test, fl, engine, 3, on_round, strategy=strategy,
                       conditions=Conditions(on_client_error=policy))
 
 
@@ -76,6 +93,37 @@ def test_failed_clients_are_left_out_counted_and_training_goes_on(flaky, caplog)
 def test_abort_policy_stops_at_the_first_failed_client(flaky):
     with pytest.raises(ClientFailure, match="client (3|5) failed"):
         _run("abort")
+
+
+@pytest.mark.parametrize("rounds", [6, 2])
+def test_a_run_whose_first_rounds_all_fail_entirely_stops_after_them(failing_first, caplog, rounds):
+    logged = []
+    with pytest.raises(AllClientsFailed, match=r"first error, round 1, client \d+: RuntimeError: GPU \d+ on fire"):
+        _run("drop", fl=dataclasses.replace(FL, rounds=rounds), on_round=logged.append)
+    assert [(r.round, r.clients, r.failed_clients) for r in logged] == [(t, 0, 6) for t in range(1, min(3, rounds) + 1)]
+    assert caplog.text.count("every client failed; the global model is unchanged") == len(logged)
+
+
+def test_a_round_in_which_every_client_fails_is_logged_and_training_goes_on(failing_first, caplog):
+    failing_first[0] = 6  # round 1's six clients
+    result = _run("drop")
+    assert [(r.clients, r.failed_clients) for r in result.history] == [(0, 6)] + [(6, 0)] * (FL.rounds - 1)
+    assert math.isnan(result.history[0].train_loss) and result.history[0].test_accuracy is not None
+    assert "round 1: every client failed; the global model is unchanged" in caplog.text
+
+
+def test_every_client_failing_from_the_start_ends_the_run_failed_in_one_line(store):
+    proc = run_cli([*SMALL, "fl.lr=1e300", "fl.rounds=10", "tracking.log_model=false"], store)
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("flexp: error: every client failed in each of rounds 1-3, so the run stopped "
+                               "(first error, round 1, client "), lines[0]
+    client = mlflow_client(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("flexp").experiment_id])
+    assert run.info.status == "FAILED"
+    history = client.get_metric_history(run.info.run_id, "failed_clients")
+    assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 1.0), (3, 1.0)]
 
 
 def test_divergence_ends_the_run_failed_in_one_line_and_keeps_the_last_good_checkpoint(store):

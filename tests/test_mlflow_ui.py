@@ -1,13 +1,16 @@
-"""The MLflow UI, rendered by headless Chromium, lists a job's runs and their test_accuracy (bench/mlflow_ui.py)."""
+"""The MLflow UI as a new user meets it: rendered by headless Chromium in a fresh profile, a click on the experiment
+on the home page lands on its runs table, which shows every run's knobs, and the charts show test_accuracy
+(bench/mlflow_ui.py); flexp's experiments carry MLflow's "machine learning" kind."""
 
+import asyncio
 import importlib.util
 import shutil
 
 import pytest
-from conftest import ROOT, SMALL, run_cli
+from conftest import ROOT, SMALL, mlflow_client, run_cli
 
-pytestmark = pytest.mark.skipif(shutil.which("chromium") is None,
-                                reason="needs Debian's chromium (.ci/run installs it where apt-get can)")
+from flexp.tracking import KIND, KIND_TAG, open_experiment
+from flexp.ui import injecting
 
 
 def _ui_module():
@@ -17,12 +20,56 @@ def _ui_module():
     return module
 
 
-def test_ui_shows_the_runs_and_their_test_accuracy(store):
-    for seed in (0, 1):
-        proc = run_cli([*SMALL, f"seed={seed}", "tracking.log_model=false"], store)
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="needs Debian's chromium (.ci/run installs it where apt-get can)")
+def test_a_click_on_the_experiment_opens_its_runs_with_their_knobs_and_test_accuracy(store):
+    for fraction in (0.1, 0.3):
+        proc = run_cli([*SMALL, f"fl.fraction={fraction}", "tracking.log_model=false"], store)
         assert proc.returncode == 0, proc.stderr
     result = _ui_module().check(store / "mlflow.db", "flexp", store / "ui.png")
     assert result["runs"] == 2
+    assert result["landed_on_runs"], result["landed"]
     assert result["runs_shown"] == 2
+    shown = result["names_shown"]
+    assert sorted(shown) == [f"K10 C{c} E1 B10 fedavg logreg synthetic iid" for c in ("0.1", "0.3")]
+    assert all(text.startswith(name[:len("K10 C0.1 E1 B10")]) for name, text in shown.items()), shown
+    assert result["assistant_open"] is False
     assert result["test_accuracy_shown"]
     assert result["ok"], result
+
+
+def test_experiments_get_the_machine_learning_kind_unless_they_have_one(store):
+    client = mlflow_client(store)
+    client.create_experiment("bare")
+    client.create_experiment("chosen", tags={KIND_TAG: "genai_development"})
+    for name in ("bare", "chosen", "new"):
+        open_experiment(f"sqlite:///{store / 'mlflow.db'}", name)
+    kinds = {name: client.get_experiment_by_name(name).tags.get(KIND_TAG) for name in ("bare", "chosen", "new")}
+    assert kinds == {"bare": KIND, "chosen": "genai_development", "new": KIND}
+
+
+def _served(content_type: bytes, chunks: list[bytes], method: str = "GET") -> tuple[dict, bytes]:
+    async def inner(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", content_type), (b"content-length", b"%d" % sum(map(len, chunks)))]})
+        for i, chunk in enumerate(chunks):
+            await send({"type": "http.response.body", "body": chunk, "more_body": i < len(chunks) - 1})
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(injecting(inner)({"type": "http", "method": method, "path": "/"}, None, send))
+    return dict(sent[0]["headers"]), b"".join(m.get("body", b"") for m in sent[1:])
+
+
+def test_the_ui_page_sets_the_browser_defaults_before_mlflow_reads_them():
+    page = [b"<!doctype html><html><head><meta charset=utf-8>", b"<script defer src=main.js></script></head></html>"]
+    headers, body = _served(b"text/html; charset=utf-8", page)
+    head = body.split(b"<head>", 1)[1]
+    assert head.startswith(b"<script>") and head.index(b"mlflow.workflowType_v1") < head.index(b"main.js")
+    assert b'"\\"machine_learning\\""' in head and body.count(b"<script>") == 1
+    assert int(headers[b"content-length"]) == len(body)
+    assert _served(b"application/javascript", [b"<head>x"]) == ({b"content-type": b"application/javascript",
+                                                                 b"content-length": b"7"}, b"<head>x")
