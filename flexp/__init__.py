@@ -9,12 +9,8 @@ __all__ = ["Result", "compose", "run"]
 
 
 def __getattr__(name: str) -> Any:
-    """compose and Result from flexp.api; `run` is the flexp.run module, which calls flexp.api.run when called."""
-    if name == "run":
-        import importlib
-
-        return importlib.import_module("flexp.run")
-    if name in ("compose", "Result"):
+    """compose, run and Result from flexp.api, imported on first use."""
+    if name in ("compose", "run", "Result"):
         from flexp import api
 
         return getattr(api, name)

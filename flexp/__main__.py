@@ -119,7 +119,7 @@ def main(cfg: DictConfig) -> float | None:
     tracker.resume_hint = f"To log the rest later: python -m flexp resume={output_dir}"
     from flexp.data.mnist import DataSourceError
     from flexp.fedavg import AllClientsFailed, ClientFailure, Diverged
-    from flexp.run import execute
+    from flexp.job import execute
 
     try:
         result = execute(config, tracker, sweep_tags(), OmegaConf.to_yaml(cfg), output_dir, resume)

@@ -161,7 +161,7 @@ def run(cfg: DictConfig | Mapping[str, Any] | ExperimentConfig, *, tracking: boo
     from omegaconf import DictConfig, OmegaConf
 
     from flexp.flat import load_flat
-    from flexp.run import execute, new_model, prepare
+    from flexp.job import execute, new_model, prepare
 
     config = experiment(cfg)
     if model is not None:

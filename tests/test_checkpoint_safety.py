@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from flexp import checkpoint
 from flexp.config import parse_config
-from flexp.run import prepare, train
+from flexp.job import prepare, train
 from flexp.strategy import make_strategy
 
 

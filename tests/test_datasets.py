@@ -56,7 +56,7 @@ def compose():
 
 
 def test_npz_maps_natural_ids_in_sorted_order_and_standardises_images(tmp_path, compose):
-    from flexp.run import make_partition
+    from flexp.job import make_partition
 
     data = arrays()
     np.savez(tmp_path / "d.npz", **data)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import sys
-import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -217,16 +215,3 @@ def execute(cfg: ExperimentConfig, tracker: Tracker, tags: Mapping[str, str], co
     finally:
         progress.close()
         tracker.finish(status)
-
-
-class CallableModule(types.ModuleType):
-    """`flexp.run(cfg, ...)` is the Python API: Python makes the package's `run` attribute this module on import,
-    so calling the module runs flexp.api.run."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        from flexp.api import run
-
-        return run(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = CallableModule
