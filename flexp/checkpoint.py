@@ -88,7 +88,7 @@ def from_payload(payload: Any) -> Checkpoint:
     try:
         history = [RoundRecord(**record) for record in payload["history"]]
         config = parse_config(payload["config"])
-        strategy = make_strategy(config.strategy, config.fl.clients, config.fl.lr)
+        strategy = make_strategy(config.strategy, config.fl.clients, config.fl.lr, config.seed)
         strategy.load_state_dict(payload["strategy"])
         rng = tensors(payload["rng"], "rng", ("torch",))
         if "torch" in rng and rng["torch"].dtype != torch.uint8:

@@ -125,7 +125,8 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class StrategyConfig:
-    """The server's aggregation rule and its hyperparameters."""
+    """The server's aggregation rule and its hyperparameters; or a `_target_` callable returning a
+    flexp.algorithm.Algorithm (`target`) and its keyword arguments (`kwargs`)."""
 
     name: str = "fedavg"
     mu: float = 0.0
@@ -137,6 +138,8 @@ class StrategyConfig:
     trim: float = 0.1
     byzantine: int = 1
     keep: int = 1
+    target: str | None = None
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -339,22 +342,28 @@ def _target_dataset(s: _Section) -> DatasetConfig:
     return DatasetConfig(name=name, target=target, options=options)
 
 
-def check_arguments(key: str, target: str, options: Mapping[str, Any]) -> None:
-    """Refuse (naming `section.argument`) a `_target_` that cannot be imported or keys its signature does not take."""
+def check_arguments(key: str, target: str, options: Mapping[str, Any], supplied: tuple[str, ...] = ()) -> Any:
+    """Refuse (naming `section.argument`) a `_target_` that cannot be imported or keys its signature does not take;
+    `supplied` are arguments flexp passes when taken (never missing). Returns the imported callable."""
     import inspect
+    import logging
 
     from hydra.utils import get_object
 
+    hydra_log = logging.getLogger("hydra.utils")  # it logs the failure over several lines; the error says it once
+    disabled, hydra_log.disabled = hydra_log.disabled, True
     try:
         func = get_object(target)
     except Exception as err:  # noqa: BLE001 - any import failure is the user's target
         raise ConfigError(key, target, f"cannot be imported ({' '.join(str(err).split())[:200]})") from None
+    finally:
+        hydra_log.disabled = disabled
     if not callable(func):
         raise ConfigError(key, target, "is not callable")
     try:
         params = inspect.signature(func).parameters
     except (TypeError, ValueError):
-        return
+        return func
     section = key.rsplit(".", 1)[0]
     given = {k: v for k, v in options.items() if not (k.startswith("_") and k.endswith("_"))}
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
@@ -365,8 +374,9 @@ def check_arguments(key: str, target: str, options: Mapping[str, Any]) -> None:
     if "_args_" not in options:
         for name, p in params.items():
             needed = p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-            if needed and name not in given:
+            if needed and name not in given and name not in supplied:
                 raise ConfigError(f"{section}.{name}", None, f"is missing ({target} needs it)")
+    return func
 
 
 def _partition(tree: Mapping[str, Any]) -> PartitionConfig:
@@ -442,10 +452,21 @@ def _tracking(tree: Mapping[str, Any]) -> TrackingConfig:
                           log_model=s.flag("log_model", default=True))
 
 
+STRATEGY_KEYS = tuple(f.name for f in fields(StrategyConfig) if f.name not in ("target", "kwargs"))
+STRATEGY_SUPPLIED = ("num_clients", "lr", "seed")  # passed to a strategy._target_ that takes them: K, fl.lr, seed
+
+
 def _strategy(tree: Mapping[str, Any]) -> StrategyConfig:
+    """A built-in strategy (its keys; others are typos) or `_target_` with the callable's keyword arguments."""
     if "strategy" not in tree:
         return StrategyConfig()
     s = _Section(tree, "strategy")
+    if "_target_" in s.node or "name" not in s.node:
+        return _target_strategy(s)
+    for key in s.node:
+        if key not in STRATEGY_KEYS:
+            raise ConfigError(s.key(key), None, f"unknown key; strategy has {', '.join(STRATEGY_KEYS)} (other keys "
+                                                "are keyword arguments of a strategy._target_)")
     name, mu = s.choice("name", STRATEGIES), s.number("mu", low=0.0, default=0.0)
     if mu and name != "fedprox":
         raise ConfigError("strategy.mu", mu, f"is FedProx's proximal weight; strategy={name} does not use it "
@@ -464,12 +485,33 @@ def _strategy(tree: Mapping[str, Any]) -> StrategyConfig:
     )
 
 
+def _target_strategy(s: _Section) -> StrategyConfig:
+    """strategy._target_: an importable Algorithm (class or factory) taking every other key under `strategy`."""
+    target = s.raw("_target_", None)
+    if not isinstance(target, str) or not target.strip():
+        raise ConfigError("strategy._target_", target, "must name a callable returning a flexp.algorithm.Algorithm, "
+                                                       "e.g. strategy=custom strategy._target_=mypkg.MyAlgorithm")
+    name = s.node.get("name")
+    kwargs = {k: v for k, v in s.node.items() if k not in ("_target_", "name")}
+    for key, value in kwargs.items():
+        if value == "???":
+            raise ConfigError(s.key(key), None, "is missing")
+    func = check_arguments(s.key("_target_"), target, kwargs, STRATEGY_SUPPLIED)
+    from flexp.algorithm import Algorithm
+
+    if isinstance(func, type) and not issubclass(func, Algorithm):
+        raise ConfigError("strategy._target_", target, "is not a flexp.algorithm.Algorithm subclass")
+    if not isinstance(name, str) or name in STRATEGIES:  # strategy._target_ set over a built-in's file
+        name = target.rpartition(".")[2]
+    return StrategyConfig(name=name, target=target, kwargs=kwargs)
+
+
 SECTIONS = {"fl": FLConfig, "baseline": BaselineConfig, "dataset": DatasetConfig, "partition": PartitionConfig,
             "model": ModelConfig, "engine": EngineConfig, "tracking": TrackingConfig, "strategy": StrategyConfig,
             "clients": ClientsConfig, "attack": AttackConfig, "data": DataConfig,
             "checkpoint": CheckpointConfig}
 TOP_LEVEL = ("mode", "seed", "report", "resume", "callbacks", *SECTIONS)
-OPEN_SECTIONS = ("dataset", "model")  # keys depend on the chosen option (a _target_'s arguments); checked when parsed
+OPEN_SECTIONS = ("dataset", "model", "strategy")  # keys depend on the chosen option (a _target_'s arguments)
 
 
 def check_key(path: str) -> None:
