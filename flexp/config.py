@@ -342,9 +342,10 @@ def _target_dataset(s: _Section) -> DatasetConfig:
     return DatasetConfig(name=name, target=target, options=options)
 
 
-def check_arguments(key: str, target: str, options: Mapping[str, Any], supplied: tuple[str, ...] = ()) -> Any:
-    """Refuse (naming `section.argument`) a `_target_` that cannot be imported or keys its signature does not take;
-    `supplied` are arguments flexp passes when taken (never missing). Returns the imported callable."""
+def check_arguments(key: str, target: str, options: Mapping[str, Any], supplied: tuple[str, ...] = (),
+                    kind: type | None = None) -> Any:
+    """Refuse (naming `section.argument`) a `_target_` that cannot be imported, a class that is not a `kind`, or
+    keys its signature does not take; `supplied` are arguments flexp passes when taken (never missing)."""
     import inspect
     import logging
 
@@ -360,6 +361,8 @@ def check_arguments(key: str, target: str, options: Mapping[str, Any], supplied:
         hydra_log.disabled = disabled
     if not callable(func):
         raise ConfigError(key, target, "is not callable")
+    if kind is not None and isinstance(func, type) and not issubclass(func, kind):
+        raise ConfigError(key, target, f"is not a {kind.__module__}.{kind.__qualname__} subclass")
     try:
         params = inspect.signature(func).parameters
     except (TypeError, ValueError):
@@ -496,11 +499,9 @@ def _target_strategy(s: _Section) -> StrategyConfig:
     for key, value in kwargs.items():
         if value == "???":
             raise ConfigError(s.key(key), None, "is missing")
-    func = check_arguments(s.key("_target_"), target, kwargs, STRATEGY_SUPPLIED)
     from flexp.algorithm import Algorithm
 
-    if isinstance(func, type) and not issubclass(func, Algorithm):
-        raise ConfigError("strategy._target_", target, "is not a flexp.algorithm.Algorithm subclass")
+    check_arguments(s.key("_target_"), target, kwargs, STRATEGY_SUPPLIED, Algorithm)
     if not isinstance(name, str) or name in STRATEGIES:  # strategy._target_ set over a built-in's file
         name = target.rpartition(".")[2]
     return StrategyConfig(name=name, target=target, kwargs=kwargs)

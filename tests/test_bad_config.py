@@ -34,6 +34,7 @@ CASES = [
     (["model.hiden=3"], "model.hiden"),
     (["model=custom", "model._target_=no_such.Net"], "model._target_"),
     (["callbacks.fair._target_=no_such.Callback"], "callbacks.fair._target_"),
+    (["strategy=custom", "strategy._target_=no_such.Algorithm"], "strategy._target_"),
 ]
 
 
