@@ -156,7 +156,7 @@ def with_callbacks(ready: Prepared, on_state: OnState) -> tuple[OnState, dict[in
     def on_state_and_callbacks(state: ServerState) -> None:
         on_state(state)
         if state.history and state.history[-1].test_accuracy is not None:
-            model = load_flat(holder, state.params)
+            model = load_flat(holder, state.params, state.model_state)
             found[state.round] = run_callbacks(ready.callbacks, state.round, state, model, data)
 
     return on_state_and_callbacks, found
@@ -205,7 +205,8 @@ def execute(cfg: ExperimentConfig, tracker: Tracker, tags: Mapping[str, str], co
         if trained:
             tracker.log_metrics(summary)
         if trained and cfg.tracking.log_model:
-            tracker.log_model(load_flat(new_model(cfg, ready.data), result.params.cpu()))
+            tracker.log_model(load_flat(new_model(cfg, ready.data), result.params.cpu(),
+                                        {k: v.cpu() for k, v in result.state.items()}))
         log.info("done: %s", "  ".join(f"{k} {v:.4g}" for k, v in summary.items()))
         status = "FINISHED"
         return result
