@@ -11,6 +11,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from flexp.aggregate import weighted_average
@@ -51,6 +52,7 @@ class RoundRecord:
     malicious: int = 0
     samples: int = 0
     failed_clients: int = 0
+    test_metrics: dict[str, float] = field(default_factory=dict)  # the configured `metrics`, by name
 
     def metrics(self) -> dict[str, float]:
         """The record as a metric dict (test metrics only on evaluated rounds)."""
@@ -60,6 +62,7 @@ class RoundRecord:
                "failed_clients": self.failed_clients}
         if self.test_accuracy is not None:
             out.update(test_accuracy=self.test_accuracy, test_loss=self.test_loss)
+            out.update({f"test_{name}": value for name, value in self.test_metrics.items()})
         return out
 
 
@@ -116,6 +119,14 @@ class Conditions:
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     on_client_error: str = "drop"
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """How the global model is scored: the task loss (test_loss) and extra metrics (flexp.objective)."""
+
+    loss: Callable[..., torch.Tensor] = F.cross_entropy
+    metrics: Sequence[tuple[str, Callable[..., float]]] = ()
 
 
 @dataclass
@@ -204,11 +215,13 @@ def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split,
                seed: int, on_round: Callable[[RoundRecord], None] = lambda r: None,
                strategy: Algorithm | None = None, conditions: Conditions | None = None,
                resume: ServerState | None = None,
-               on_state: Callable[[ServerState], None] = lambda s: None) -> TrainingResult:
+               on_state: Callable[[ServerState], None] = lambda s: None,
+               evaluation: Evaluation | None = None) -> TrainingResult:
     """Run FedAvg (or another algorithm, `strategy`) from `model`'s weights, or from `resume`; `model` ends holding
     the final weights. `on_state` sees the server after each round, before `on_round` (checkpoint, then log). Raises
     Diverged on a non-finite test loss, AllClientsFailed once every client failed in each of the first rounds."""
     cond = conditions or Conditions()
+    scoring = evaluation or Evaluation()
     state = resume or ServerState(0, flat_parameters(model), strategy or Algorithm(), [], model_state(model))
     algorithm = state.strategy
     global_params, global_state = state.params, state.model_state or model_state(model)
@@ -244,10 +257,12 @@ def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split,
             malicious=sum(u.malicious for u in good), samples=n_total,
             failed_clients=len(updates) - len(good))
         if round_ % fl.eval_every == 0 or round_ == fl.rounds:
-            accuracy, loss = evaluate(load_flat(model, global_params, global_state), test)
+            found: dict[str, float] = {}
+            accuracy, loss = evaluate(load_flat(model, global_params, global_state), test, loss_fn=scoring.loss,
+                                      metrics=scoring.metrics, found=found)
             if not math.isfinite(loss):
                 raise Diverged(f"round {round_}: the test loss is {loss}; the run diverged (lower fl.lr?)")
-            record = replace(record, test_accuracy=accuracy, test_loss=loss)
+            record = replace(record, test_accuracy=accuracy, test_loss=loss, test_metrics=found)
         record = replace(record, round_seconds=time.perf_counter() - start)
         result.history.append(record)
         result.params, result.state = global_params, global_state

@@ -162,3 +162,27 @@ def test_a_run_with_buffers_and_dropout_resumes_from_its_saved_state_bit_for_bit
     assert torch.equal(resumed.params, whole.params)
     assert all(torch.equal(resumed.state[k], v) for k, v in whole.state.items())
     assert [r.test_loss for r in resumed.history] == [r.test_loss for r in whole.history]
+
+
+def top2(outputs, targets):
+    """Top-2 accuracy: a metric written in a test."""
+    return (outputs.topk(2, 1).indices == targets[:, None]).any(1).double().mean()
+
+
+def test_a_configured_loss_trains_and_scores_and_a_configured_metric_is_logged():
+    from flexp.fedavg import Evaluation
+
+    train, parts = data(), [torch.arange(0, 25), torch.arange(25, 40)]
+    margin = torch.nn.functional.multi_margin_loss
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(FEATURES, CLASSES)).double()
+    engine = VectorizedEngine(lambda: nn.Sequential(nn.Linear(FEATURES, CLASSES)).double(), train,
+                              LocalSpec(1, 5, 0.1), task_loss=margin)
+    test = data(20, seed=1)
+    result = run_fedavg(model, parts, test, fl(), engine, 5, evaluation=Evaluation(margin, [("top2", top2)]))
+    assert engine.last_path == "generic"  # the batched kernel claims cross-entropy only
+    record = result.history[-1]
+    with torch.no_grad():
+        logits = model(test.x)
+    assert record.test_loss == pytest.approx(float(margin(logits, test.y)), rel=1e-12)
+    assert record.metrics()["test_top2"] == pytest.approx(float(top2(logits, test.y)), rel=1e-12)
