@@ -176,7 +176,7 @@ def run(cfg: DictConfig | Mapping[str, Any] | ExperimentConfig, *, tracking: boo
     tracker = InProcessTracker(inner)
     text = OmegaConf.to_yaml(cfg) if isinstance(cfg, DictConfig) else OmegaConf.to_yaml(dict(config.raw))
     result = execute(config, tracker, {"flexp.overrides": "(python API)"}, text, ready=ready)
-    final = load_flat(new_model(config, ready.data).to(ready.device), result.params)
+    final = load_flat(new_model(config, ready.data).to(ready.device), result.params, result.state)
     return Result(result.history, final, result.params, result.summary(), tracker.metrics, ready.data,
                   tracker.run_id)
 

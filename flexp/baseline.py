@@ -15,6 +15,7 @@ from flexp.config import BaselineConfig
 from flexp.data import Split
 from flexp.engine.cnn_kernel import replica_for
 from flexp.fedavg import RoundRecord, TrainingResult, client_seed
+from flexp.flat import model_state
 from flexp.metrics import evaluate
 
 
@@ -36,5 +37,5 @@ def run_baseline(model: nn.Module, train: Split, test: Split, cfg: BaselineConfi
                              test_accuracy=accuracy, test_loss=loss)
         result.history.append(record)
         on_epoch(record)
-    result.params = replica.flat()
+    result.params, result.state = replica.flat(), model_state(model)
     return result

@@ -70,7 +70,8 @@ def to_payload(checkpoint: Checkpoint) -> dict[str, Any]:
     state = checkpoint.state
     payload = {"format": FORMAT, "version": VERSION, "round": state.round, "params": state.params,
                "strategy": state.strategy.state_dict(), "history": [asdict(r) for r in state.history],
-               "run_id": checkpoint.run_id, "config": dict(checkpoint.config), "rng": dict(checkpoint.rng)}
+               "run_id": checkpoint.run_id, "config": dict(checkpoint.config), "rng": dict(checkpoint.rng),
+               "model_state": dict(state.model_state)}
     if not is_plain(payload):
         raise TypeError("a checkpoint holds only tensors and plain data; the strategy state or config has more")
     return payload
@@ -91,11 +92,15 @@ def from_payload(payload: Any) -> Checkpoint:
         strategy = make_strategy(config.strategy, config.fl.clients, config.fl.lr, config.seed)
         strategy.load_state_dict(payload["strategy"])
         rng = tensors(payload["rng"], "rng", ("torch",))
+        saved = payload.get("model_state", {})  # buffers and frozen parameters; absent before they were kept
+        model_state = tensors(saved, "model_state", tuple(saved)) if isinstance(saved, dict) else None
+        if model_state is None:
+            raise ValueError("model_state is not a dict of tensors")
         if "torch" in rng and rng["torch"].dtype != torch.uint8:
             raise ValueError("rng torch state is not a uint8 tensor")
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"not a checkpoint flexp can continue ({one_line(err)})") from None
-    state = ServerState(payload["round"], payload["params"], strategy, history)
+    state = ServerState(payload["round"], payload["params"], strategy, history, model_state)
     return Checkpoint(state, payload["run_id"], payload["config"], rng)
 
 

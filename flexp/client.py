@@ -39,8 +39,9 @@ class ClientTask:
 
 @dataclass(frozen=True)
 class ClientResult:
-    """What a client sends back: new weights, its n_k, its mean training (task) loss, its step count and the
-    algorithm's extra tensors (Algorithm.client_final)."""
+    """What a client sends back: new weights, its n_k, its mean training (task) loss, its step count, the
+    algorithm's extra tensors (Algorithm.client_final) and the model's buffers after training (by name; {} when
+    the model has none)."""
 
     client: int
     params: torch.Tensor
@@ -50,6 +51,7 @@ class ClientResult:
     error: str | None = None  # why the client failed (its params are then the global ones, unused)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     malicious: bool = False  # set by an attacker's Algorithm.receive
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def epoch_orders(task: ClientTask, epochs: int) -> torch.Tensor:
@@ -84,7 +86,7 @@ def local_sgd(model: Replica, x: torch.Tensor, y: torch.Tensor, task: ClientTask
     with torch.no_grad():
         extra = algorithm.client_final(start, model.detached(), cstate)
     return ClientResult(task.client, model.flat(), n, mean_loss, local_steps(n, spec.batch_size, epochs),
-                        extra={k: v.detach().clone() for k, v in extra.items()})
+                        extra={k: v.detach().clone() for k, v in extra.items()}, buffers=model.buffers())
 
 
 def failed_result(task: ClientTask, global_params: torch.Tensor, err: BaseException) -> ClientResult:

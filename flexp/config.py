@@ -204,6 +204,8 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     callbacks: tuple[CallbackConfig, ...] = ()
+    loss: CallbackConfig | None = None  # the task loss (`loss._target_`); None: cross-entropy
+    metrics: tuple[CallbackConfig, ...] = ()  # extra test metrics (`metrics.<name>._target_`), beside accuracy
     resume: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -412,15 +414,15 @@ def _model(tree: Mapping[str, Any]) -> ModelConfig:
     return ModelConfig(name=s.choice("name", MODELS), hidden=s.integer("hidden", low=1, default=200))
 
 
-def _callbacks(tree: Mapping[str, Any]) -> tuple[CallbackConfig, ...]:
-    """`callbacks`: a list, or a mapping from name to entry, of `{_target_: ..., keyword arguments}`."""
-    node = tree.get("callbacks") or {}
+def _callbacks(tree: Mapping[str, Any], section: str = "callbacks") -> tuple[CallbackConfig, ...]:
+    """`callbacks` (or `metrics`): a list, or a mapping from name to entry, of `{_target_: ..., keyword arguments}`."""
+    node = tree.get(section) or {}
     if isinstance(node, Mapping):
-        entries = [(str(name), f"callbacks.{name}", entry) for name, entry in node.items()]
+        entries = [(str(name), f"{section}.{name}", entry) for name, entry in node.items()]
     elif isinstance(node, (list, tuple)):
-        entries = [(None, f"callbacks[{i}]", entry) for i, entry in enumerate(node)]
+        entries = [(None, f"{section}[{i}]", entry) for i, entry in enumerate(node)]
     else:
-        raise ConfigError("callbacks", node, "must be a list or a mapping of {_target_: ...} entries")
+        raise ConfigError(section, node, "must be a list or a mapping of {_target_: ...} entries")
     out = []
     for name, key, entry in entries:
         target = entry.get("_target_") if isinstance(entry, Mapping) else None
@@ -433,6 +435,17 @@ def _callbacks(tree: Mapping[str, Any]) -> tuple[CallbackConfig, ...]:
             if name in taken else name
         out.append(CallbackConfig(name, target, kwargs, key))
     return tuple(out)
+
+
+def _loss(tree: Mapping[str, Any]) -> CallbackConfig | None:
+    """`loss`: {_target_: a function loss(output, target, reduction=...), keyword arguments}; None: cross-entropy."""
+    node = tree.get("loss")
+    if node is None:
+        return None
+    target = node.get("_target_") if isinstance(node, Mapping) else None
+    if not isinstance(target, str) or not target.strip():
+        raise ConfigError("loss._target_", target, "must name a loss function, e.g. torch.nn.functional.nll_loss")
+    return CallbackConfig("loss", target, {k: v for k, v in node.items() if k != "_target_"}, "loss")
 
 
 def _engine(tree: Mapping[str, Any]) -> EngineConfig:
@@ -511,7 +524,7 @@ SECTIONS = {"fl": FLConfig, "baseline": BaselineConfig, "dataset": DatasetConfig
             "model": ModelConfig, "engine": EngineConfig, "tracking": TrackingConfig, "strategy": StrategyConfig,
             "clients": ClientsConfig, "attack": AttackConfig, "data": DataConfig,
             "checkpoint": CheckpointConfig}
-TOP_LEVEL = ("mode", "seed", "report", "resume", "callbacks", *SECTIONS)
+TOP_LEVEL = ("mode", "seed", "report", "resume", "callbacks", "loss", "metrics", *SECTIONS)
 OPEN_SECTIONS = ("dataset", "model", "strategy")  # keys depend on the chosen option (a _target_'s arguments)
 
 
@@ -594,6 +607,8 @@ def parse_config(tree: Mapping[str, Any]) -> ExperimentConfig:
         data=_data(tree),
         checkpoint=_checkpoint(tree),
         callbacks=_callbacks(tree),
+        loss=_loss(tree),
+        metrics=_callbacks(tree, "metrics"),
         resume=_resume(tree),
         raw=tree,
     )

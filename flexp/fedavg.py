@@ -11,14 +11,16 @@ from typing import Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from flexp.aggregate import weighted_average
 from flexp.algorithm import Algorithm
 from flexp.arrival import held, held_fraction
 from flexp.client import ClientResult, ClientTask
 from flexp.config import ClientsConfig, DataConfig, FLConfig
 from flexp.data import Split
-from flexp.flat import flat_parameters, load_flat
+from flexp.flat import flat_parameters, load_flat, model_state
 from flexp.metrics import evaluate, rounds_to_target
 
 log = logging.getLogger("flexp")
@@ -27,10 +29,10 @@ FAILED_ROUNDS = 3  # a run whose first rounds all fail entirely stops after this
 
 class Engine(Protocol):
     """Anything that runs an algorithm's client side for the sampled clients from the global weights, returning
-    their results in task order."""
+    their results in task order. Models with buffers or frozen parameters also get `state` (flat.model_state)."""
 
     def run_round(self, global_params: torch.Tensor, tasks: Sequence[ClientTask],
-                  algorithm: Algorithm | None = None) -> list[ClientResult]: ...
+                  algorithm: Algorithm | None = None, **state: dict[str, torch.Tensor]) -> list[ClientResult]: ...
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class RoundRecord:
     malicious: int = 0
     samples: int = 0
     failed_clients: int = 0
+    test_metrics: dict[str, float] = field(default_factory=dict)  # the configured `metrics`, by name
 
     def metrics(self) -> dict[str, float]:
         """The record as a metric dict (test metrics only on evaluated rounds)."""
@@ -59,6 +62,7 @@ class RoundRecord:
                "failed_clients": self.failed_clients}
         if self.test_accuracy is not None:
             out.update(test_accuracy=self.test_accuracy, test_loss=self.test_loss)
+            out.update({f"test_{name}": value for name, value in self.test_metrics.items()})
         return out
 
 
@@ -69,6 +73,7 @@ class TrainingResult:
     params: torch.Tensor
     history: list[RoundRecord] = field(default_factory=list)
     target: float | None = None
+    state: dict[str, torch.Tensor] = field(default_factory=dict)  # buffers and frozen parameters (flat.model_state)
 
     def accuracies(self) -> list[tuple[int, float]]:
         return [(r.round, r.test_accuracy) for r in self.history if r.test_accuracy is not None]
@@ -116,14 +121,24 @@ class Conditions:
     on_client_error: str = "drop"
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """How the global model is scored: the task loss (test_loss) and extra metrics (flexp.objective)."""
+
+    loss: Callable[..., torch.Tensor] = F.cross_entropy
+    metrics: Sequence[tuple[str, Callable[..., float]]] = ()
+
+
 @dataclass
 class ServerState:
-    """The server after `round` rounds: global weights, the algorithm with its state, and the history."""
+    """The server after `round` rounds: global weights, the algorithm with its state, the history, and the
+    model's buffers and frozen parameters (flat.model_state; {} for most models)."""
 
     round: int
     params: torch.Tensor
     strategy: Algorithm
     history: list[RoundRecord]
+    model_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class ClientFailure(RuntimeError):
@@ -175,6 +190,19 @@ def all_failed(history: Sequence[RoundRecord], first_error: str) -> AllClientsFa
     return AllClientsFailed(f"every client failed in {rounds}, so the run stopped (first error, {first_error})")
 
 
+def average_buffers(state: dict[str, torch.Tensor], replies: Sequence[ClientResult]) -> dict[str, torch.Tensor]:
+    """The next global model state: each buffer the n_k-weighted mean of the clients' (float64 sums, cast back;
+    integer buffers such as num_batches_tracked rounded to the nearest integer, ties to even); frozen parameters,
+    which clients do not return, stay as they are. Every algorithm averages buffers this way."""
+    if not state or not replies:
+        return state
+    out = dict(state)
+    for name in replies[0].buffers:
+        mean = weighted_average([r.buffers[name].to(torch.float64) for r in replies], [r.num_samples for r in replies])
+        out[name] = (mean if state[name].is_floating_point() else mean.round()).to(state[name].dtype)
+    return out
+
+
 def round_tasks(partition: Sequence[torch.Tensor], returned: Sequence[int], slow: dict[int, int], seed: int,
                 round_: int, data: DataConfig, algorithm: Algorithm, global_params: torch.Tensor) -> list[ClientTask]:
     """The returning clients' tasks: the data they hold this round, their epochs and the algorithm's messages."""
@@ -187,14 +215,17 @@ def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split,
                seed: int, on_round: Callable[[RoundRecord], None] = lambda r: None,
                strategy: Algorithm | None = None, conditions: Conditions | None = None,
                resume: ServerState | None = None,
-               on_state: Callable[[ServerState], None] = lambda s: None) -> TrainingResult:
+               on_state: Callable[[ServerState], None] = lambda s: None,
+               evaluation: Evaluation | None = None) -> TrainingResult:
     """Run FedAvg (or another algorithm, `strategy`) from `model`'s weights, or from `resume`; `model` ends holding
     the final weights. `on_state` sees the server after each round, before `on_round` (checkpoint, then log). Raises
     Diverged on a non-finite test loss, AllClientsFailed once every client failed in each of the first rounds."""
     cond = conditions or Conditions()
-    state = resume or ServerState(0, flat_parameters(model), strategy or Algorithm(), [])
+    scoring = evaluation or Evaluation()
+    state = resume or ServerState(0, flat_parameters(model), strategy or Algorithm(), [], model_state(model))
     algorithm = state.strategy
-    global_params = state.params
+    global_params, global_state = state.params, state.model_state or model_state(model)
+    sent = {"state": global_state} if global_state else {}  # engines of buffer-less models see the old call
     model_bytes = algorithm.wire_bytes(global_params.numel() * global_params.element_size())
     result = TrainingResult(global_params, list(state.history), target=fl.target_accuracy)
     first_error = ""
@@ -206,7 +237,7 @@ def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split,
         returned, slow = heterogeneity(chosen, cond.clients.dropout, cond.clients.stragglers, fl.local_epochs, seed,
                                        round_)
         tasks = round_tasks(partition, returned, slow, seed, round_, cond.data, algorithm, global_params)
-        updates = engine.run_round(global_params, tasks, algorithm) if tasks else []
+        updates = engine.run_round(global_params, tasks, algorithm, **sent) if tasks else []
         updates = [algorithm.receive(round_, global_params, u) for u in updates]
         good, failed = usable(updates, round_, cond.on_client_error)
         first_error = first_error or (f"round {round_}, {failed[0]}" if failed else "")
@@ -215,6 +246,8 @@ def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split,
                         "every client failed" if failed else "no client returned")
         else:
             global_params = algorithm.aggregate(round_, global_params, good)
+            global_state = average_buffers(global_state, good)
+            sent = {"state": global_state} if global_state else {}
         n_total = sum(u.num_samples for u in good)
         record = RoundRecord(
             round=round_, clients=len(good),
@@ -224,18 +257,21 @@ def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split,
             malicious=sum(u.malicious for u in good), samples=n_total,
             failed_clients=len(updates) - len(good))
         if round_ % fl.eval_every == 0 or round_ == fl.rounds:
-            accuracy, loss = evaluate(load_flat(model, global_params), test)
+            found: dict[str, float] = {}
+            accuracy, loss = evaluate(load_flat(model, global_params, global_state), test, loss_fn=scoring.loss,
+                                      metrics=scoring.metrics, found=found)
             if not math.isfinite(loss):
                 raise Diverged(f"round {round_}: the test loss is {loss}; the run diverged (lower fl.lr?)")
-            record = replace(record, test_accuracy=accuracy, test_loss=loss)
+            record = replace(record, test_accuracy=accuracy, test_loss=loss, test_metrics=found)
         record = replace(record, round_seconds=time.perf_counter() - start)
         result.history.append(record)
-        result.params = global_params
-        on_state(ServerState(round_, global_params, algorithm, result.history))
+        result.params, result.state = global_params, global_state
+        on_state(ServerState(round_, global_params, algorithm, result.history, global_state))
         on_round(record)
         if failed_from_start(result.history, fl.rounds):
             raise all_failed(result.history, first_error)
-    load_flat(model, global_params)
+    result.state = global_state
+    load_flat(model, global_params, global_state)
     return result
 
 

@@ -1,4 +1,9 @@
-"""Models as flat parameter vectors: the server, aggregation and engines exchange one 1-D tensor per model."""
+"""Models as flat parameter vectors: the server, aggregation and engines exchange one 1-D tensor per model.
+
+The flat vector holds the trainable parameters (requires_grad) only. The rest of a model's state travels beside it
+as a dict by name (`model_state`): its buffers (BatchNorm running statistics), which clients update and the server
+averages, and its frozen parameters, which the server sends and nobody changes. Models without either send {}.
+"""
 
 from __future__ import annotations
 
@@ -26,12 +31,17 @@ class Replica:
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        self.named = dict(self.module.named_parameters())
+        self.named = dict(trainable(module))
         self.params = list(self.named.values())
+        self.stateful = bool(model_state(module))
 
-    def load(self, flat: torch.Tensor) -> None:
-        """Copy a flat parameter vector into the model's own tensors."""
-        load_flat(self.module, flat)
+    def load(self, flat: torch.Tensor, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Copy a flat parameter vector (and the model's other state, when it has any) into the model's tensors."""
+        load_flat(self.module, flat, state)
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """Copies of the buffers, as local training left them (what a client returns besides its weights)."""
+        return {name: b.detach().clone() for name, b in self.module.named_buffers()} if self.stateful else {}
 
     def detached(self) -> dict[str, torch.Tensor]:
         """The current parameters by name, detached views of the model's own tensors."""
@@ -64,17 +74,33 @@ class Replica:
         return flat_parameters(self.module)
 
 
+def trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) for the parameters that train (requires_grad), in PyTorch's order: the flat layout."""
+    return [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+
+
 def flat_parameters(module: nn.Module) -> torch.Tensor:
-    """A detached copy of `module`'s parameters as one vector."""
-    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+    """A detached copy of `module`'s trainable parameters as one vector."""
+    return torch.cat([p.detach().reshape(-1) for _, p in trainable(module)])
 
 
-def load_flat(module: nn.Module, flat: torch.Tensor) -> nn.Module:
-    """Write a flat parameter vector into `module` (which keeps its own storage and layout); return it."""
+def model_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of what the flat vector leaves out: frozen parameters and buffers, by name ({} for most models)."""
+    frozen = {name: p.detach().clone() for name, p in module.named_parameters() if not p.requires_grad}
+    return {**frozen, **{name: b.detach().clone() for name, b in module.named_buffers()}}
+
+
+def load_flat(module: nn.Module, flat: torch.Tensor, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Write a flat vector into `module`'s trainable parameters (the module keeps its own storage and layout), and
+    `state` (model_state's dict) into its frozen parameters and buffers by name; return the module."""
     offset = 0
     with torch.no_grad():
-        for p in module.parameters():
+        for _, p in trainable(module):
             n = p.numel()
             p.copy_(flat[offset:offset + n].view(p.shape))
             offset += n
+        if state:
+            tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+            for name, value in state.items():
+                tensors[name].copy_(value)
     return module

@@ -20,9 +20,10 @@ from flexp.client import LocalSpec
 from flexp.config import ConfigError, ExperimentConfig
 from flexp.data import Dataset, load_dataset
 from flexp.engine import make_engine
-from flexp.fedavg import Conditions, RoundRecord, ServerState, TrainingResult, run_fedavg
+from flexp.fedavg import Conditions, Evaluation, RoundRecord, ServerState, TrainingResult, run_fedavg
 from flexp.flat import load_flat
 from flexp.models import ModelFactory, count_parameters
+from flexp.objective import build_loss, build_metrics
 from flexp.progress import Progress
 from flexp.strategy import make_algorithm
 from flexp.tracking import flatten
@@ -89,6 +90,7 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
     torch.manual_seed(cfg.seed)
     model = new_model(cfg, data).to(device)
     callbacks = build_callbacks(cfg.callbacks) if cfg.mode == "federated" else []
+    build_loss(cfg.loss), build_metrics(cfg.metrics)  # a bad loss or metric target is a ConfigError here
     return Prepared(data.to(device), parts, model, device, callbacks)
 
 
@@ -117,7 +119,9 @@ def train(cfg: ExperimentConfig, ready: Prepared, on_record: Callable[[RoundReco
                             cfg.fl.target_accuracy, on_record)
     spec = LocalSpec(cfg.fl.local_epochs, cfg.fl.batch_size, cfg.fl.lr)
     make_model = ModelFactory(cfg.model, ready.data.input_shape, ready.data.num_classes)
-    engine = make_engine(cfg.engine, make_model, ready.data.train, spec, ready.device)
+    task_loss = build_loss(cfg.loss)
+    evaluation = Evaluation(task_loss, build_metrics(cfg.metrics))
+    engine = make_engine(cfg.engine, make_model, ready.data.train, spec, ready.device, task_loss)
     try:
         algorithm = make_algorithm(cfg.strategy, cfg.attack, cfg.fl.clients, cfg.fl.lr, cfg.seed,
                                    ready.data.num_classes)
@@ -126,7 +130,7 @@ def train(cfg: ExperimentConfig, ready: Prepared, on_record: Callable[[RoundReco
             resume = replace(resume, strategy=algorithm)
         conditions = Conditions(cfg.clients, cfg.data, cfg.engine.on_client_error)
         return run_fedavg(ready.model, ready.partition, ready.data.test, cfg.fl, engine, cfg.seed, on_record,
-                          algorithm, conditions, resume, on_state)
+                          algorithm, conditions, resume, on_state, evaluation)
     finally:
         engine.close()
 
@@ -156,7 +160,7 @@ def with_callbacks(ready: Prepared, on_state: OnState) -> tuple[OnState, dict[in
     def on_state_and_callbacks(state: ServerState) -> None:
         on_state(state)
         if state.history and state.history[-1].test_accuracy is not None:
-            model = load_flat(holder, state.params)
+            model = load_flat(holder, state.params, state.model_state)
             found[state.round] = run_callbacks(ready.callbacks, state.round, state, model, data)
 
     return on_state_and_callbacks, found
@@ -205,7 +209,8 @@ def execute(cfg: ExperimentConfig, tracker: Tracker, tags: Mapping[str, str], co
         if trained:
             tracker.log_metrics(summary)
         if trained and cfg.tracking.log_model:
-            tracker.log_model(load_flat(new_model(cfg, ready.data), result.params.cpu()))
+            tracker.log_model(load_flat(new_model(cfg, ready.data), result.params.cpu(),
+                                        {k: v.cpu() for k, v in result.state.items()}))
         log.info("done: %s", "  ".join(f"{k} {v:.4g}" for k, v in summary.items()))
         status = "FINISHED"
         return result

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -11,8 +12,12 @@ from torch import nn
 from flexp.data import Split
 
 
-def evaluate(module: nn.Module, split: Split, batch_size: int = 1000) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of `module` on a whole split, in large inference batches.
+def evaluate(module: nn.Module, split: Split, batch_size: int = 1000,
+             loss_fn: Callable[..., torch.Tensor] = F.cross_entropy,
+             metrics: Sequence[tuple[str, Callable[..., Any]]] = (),
+             found: dict[str, float] | None = None) -> tuple[float, float]:
+    """(accuracy, mean loss: cross-entropy or `loss_fn`) of `module` on a whole split, in large inference batches;
+    each of `metrics` (metric(outputs, targets) -> float on all outputs) is written into `found` by name.
 
     Image batches run channels-last: PyTorch's CPU max-pool is ~10x faster in that layout.
     """
@@ -23,6 +28,7 @@ def evaluate(module: nn.Module, split: Split, batch_size: int = 1000) -> tuple[f
         module.to(memory_format=torch.channels_last)
     correct = torch.zeros((), dtype=torch.int64, device=split.x.device)
     loss = torch.zeros((), dtype=torch.float64, device=split.x.device)
+    outputs = []
     with torch.inference_mode():
         for start in range(0, len(split), batch_size):
             batch = split.x[start:start + batch_size]
@@ -30,8 +36,13 @@ def evaluate(module: nn.Module, split: Split, batch_size: int = 1000) -> tuple[f
                 batch = batch.contiguous(memory_format=torch.channels_last)
             logits = module(batch)
             labels = split.y[start:start + batch_size]
-            loss += F.cross_entropy(logits, labels, reduction="sum").double()
+            loss += loss_fn(logits, labels, reduction="sum").double()
             correct += (logits.argmax(1) == labels).sum()
+            if metrics:
+                outputs.append(logits)
+        if metrics and found is not None:
+            everything = torch.cat(outputs)
+            found.update({name: float(metric(everything, split.y)) for name, metric in metrics})
     module.train(was_training)
     return int(correct) / len(split), float(loss) / len(split)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from flexp.client import LocalSpec
@@ -25,17 +26,17 @@ def choose_engine(name: str, model: nn.Module, device: torch.device) -> str:
 
 
 def make_engine(cfg: EngineConfig, make_model: Callable[[], nn.Module], train: Split, spec: LocalSpec,
-                device: torch.device):
-    """Build the configured engine (after resolving `auto`)."""
+                device: torch.device, task_loss: Callable[..., torch.Tensor] = F.cross_entropy):
+    """Build the configured engine (after resolving `auto`) for the task loss `task_loss`."""
     name = choose_engine(cfg.name, make_model(), device)
     if name == "ray":
         from flexp.engine.ray_tasks import RayEngine
 
-        return RayEngine(make_model, train, spec, cfg.address, cfg.num_cpus, cfg.num_gpus)
+        return RayEngine(make_model, train, spec, cfg.address, cfg.num_cpus, cfg.num_gpus, task_loss)
     if name == "vectorized":
         from flexp.engine.vectorized import VectorizedEngine
 
-        return VectorizedEngine(make_model, train, spec, cfg.group_size, device, cfg.workers)
+        return VectorizedEngine(make_model, train, spec, cfg.group_size, device, cfg.workers, task_loss)
     from flexp.engine.threads import ThreadEngine
 
-    return ThreadEngine(make_model, train, spec, cfg.workers, device)
+    return ThreadEngine(make_model, train, spec, cfg.workers, device, task_loss)

@@ -40,8 +40,10 @@ def mlp_layers(model: nn.Module) -> list[nn.Linear] | None:
 
 
 def supports(model: nn.Module, algorithm: Algorithm, task_loss: TaskLoss) -> bool:
-    """True when this kernel runs `algorithm` on `model` exactly: an MLP, cross-entropy and a claimed client side."""
-    return task_loss is F.cross_entropy and mlp_layers(model) is not None and client_code(algorithm) in CLAIMED
+    """True when this kernel runs `algorithm` on `model` exactly: an MLP with nothing frozen, cross-entropy and a
+    claimed client side."""
+    return (task_loss is F.cross_entropy and mlp_layers(model) is not None and client_code(algorithm) in CLAIMED
+            and all(p.requires_grad for p in model.parameters()))
 
 
 def terms(algorithm: Algorithm, messages: Mapping[str, torch.Tensor]) -> tuple[

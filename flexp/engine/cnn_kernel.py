@@ -103,7 +103,7 @@ CLAIMED = claimed()
 
 def supports(module: nn.Module, algorithm: Algorithm, task_loss: TaskLoss) -> bool:
     """True when this kernel runs `algorithm` on `module` exactly: the paper's CNN on the CPU and a claimed pair."""
-    on_cpu = all(p.device.type == "cpu" for p in module.parameters())
+    on_cpu = all(p.device.type == "cpu" and p.requires_grad for p in module.parameters())  # none frozen
     return task_loss is F.cross_entropy and on_cpu and is_paper_cnn(module) and client_code(algorithm) in CLAIMED
 
 

@@ -18,6 +18,7 @@ from flexp.algorithm import Algorithm, TaskLoss
 from flexp.client import ClientResult, ClientTask, LocalSpec, failed_result, local_sgd
 from flexp.config import ConfigError
 from flexp.data import Split
+from flexp.rng import draws_random
 
 
 def import_ray() -> Any:
@@ -30,15 +31,21 @@ def import_ray() -> Any:
 
 
 def client_update(make_model: Callable[[], nn.Module], train: Split, global_params: torch.Tensor, task: ClientTask,
-                  spec: LocalSpec, algorithm: Algorithm, task_loss: TaskLoss) -> ClientResult:
-    """One client's update inside a Ray worker, on one intra-op thread: the thread engine's code."""
+                  spec: LocalSpec, algorithm: Algorithm, task_loss: TaskLoss,
+                  state: dict[str, torch.Tensor] | None = None, random: bool = False) -> ClientResult:
+    """One client's update inside a Ray worker, on one intra-op thread: the thread engine's code (a model that
+    draws random numbers under the client's seed, as there)."""
     from flexp.engine.cnn_kernel import replica_for
+    from flexp.rng import seeded
 
     torch.set_num_threads(1)
     replica = replica_for(make_model().train())
     try:
-        replica.load(global_params)
-        return local_sgd(replica, train.x, train.y, task, spec, algorithm, task_loss)
+        replica.load(global_params, state)
+        if not random:
+            return local_sgd(replica, train.x, train.y, task, spec, algorithm, task_loss)
+        with seeded([task.seed], torch.device("cpu")):
+            return local_sgd(replica, train.x, train.y, task, spec, algorithm, task_loss)
     except Exception as err:
         return failed_result(task, global_params, err)
 
@@ -55,16 +62,20 @@ class RayEngine:
             ray.init(address=None if address == "local" else address, include_dashboard=False,
                      log_to_driver=False, configure_logging=False)
         self.train_ref = ray.put(Split(train.x.cpu(), train.y.cpu()))
+        self.random = draws_random(make_model(), train.x[:2].cpu())
         self.remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(client_update)
 
     def run_round(self, global_params: torch.Tensor, tasks: Sequence[ClientTask],
-                  algorithm: Algorithm | None = None) -> list[ClientResult]:
-        """Train every task's client from `global_params` with `algorithm` (both put in the object store once for
-        the round, the algorithm with its server state: its client hooks must not need that state)."""
+                  algorithm: Algorithm | None = None,
+                  state: dict[str, torch.Tensor] | None = None) -> list[ClientResult]:
+        """Train every task's client from `global_params` (and the model's other `state`) with `algorithm` (put in
+        the object store once for the round, the algorithm with its server state: its client hooks must not need
+        that state)."""
         params_ref = self.ray.put(global_params.cpu())
         algorithm_ref = self.ray.put(algorithm or Algorithm())
+        state = {k: v.cpu() for k, v in (state or {}).items()}
         futures = [self.remote.remote(self.make_model, self.train_ref, params_ref, task, self.spec, algorithm_ref,
-                                      self.task_loss) for task in tasks]
+                                      self.task_loss, state, self.random) for task in tasks]
         return self.ray.get(futures)
 
     def close(self) -> None:

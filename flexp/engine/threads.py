@@ -20,6 +20,7 @@ from flexp.client import ClientResult, ClientTask, LocalSpec, failed_result, loc
 from flexp.data import Split
 from flexp.engine.cnn_kernel import replica_for
 from flexp.flat import Replica
+from flexp.rng import draws_random, seeded
 
 
 @contextmanager
@@ -40,29 +41,37 @@ class ThreadEngine:
     def __init__(self, make_model: Callable[[], nn.Module], train: Split, spec: LocalSpec, workers: int,
                  device: torch.device | str = "cpu", task_loss: TaskLoss = F.cross_entropy) -> None:
         self.train, self.spec, self.workers, self.task_loss = train, spec, workers, task_loss
+        self.device = torch.device(device)
+        self.random = draws_random(make_model().to(device), train.x[:2])  # Dropout: one client at a time, seeded
         self.replicas: queue.Queue[Replica] = queue.Queue()
         for _ in range(workers):
             self.replicas.put(replica_for(make_model().to(device).train()))
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="flexp-client") if workers > 1 else None
 
-    def _update(self, global_params: torch.Tensor, task: ClientTask, algorithm: Algorithm) -> ClientResult:
+    def _update(self, global_params: torch.Tensor, task: ClientTask, algorithm: Algorithm,
+                state: dict[str, torch.Tensor] | None) -> ClientResult:
         replica = self.replicas.get()
         try:
-            replica.load(global_params)
-            return local_sgd(replica, self.train.x, self.train.y, task, self.spec, algorithm, self.task_loss)
+            replica.load(global_params, state)
+            if not self.random:
+                return local_sgd(replica, self.train.x, self.train.y, task, self.spec, algorithm, self.task_loss)
+            with seeded([task.seed], self.device):
+                return local_sgd(replica, self.train.x, self.train.y, task, self.spec, algorithm, self.task_loss)
         except Exception as err:  # one client's failure is the server's to judge, not a crash
             return failed_result(task, global_params, err)
         finally:
             self.replicas.put(replica)
 
     def run_round(self, global_params: torch.Tensor, tasks: Sequence[ClientTask],
-                  algorithm: Algorithm | None = None) -> list[ClientResult]:
-        """Train every task's client from `global_params` with `algorithm` (FedAvg when None)."""
+                  algorithm: Algorithm | None = None,
+                  state: dict[str, torch.Tensor] | None = None) -> list[ClientResult]:
+        """Train every task's client from `global_params` (and the model's other `state`: flat.model_state) with
+        `algorithm` (FedAvg when None)."""
         algorithm = algorithm or Algorithm()
         with intra_op_threads(1):
             if self.pool is None:
-                return [self._update(global_params, t, algorithm) for t in tasks]
-            return list(self.pool.map(lambda t: self._update(global_params, t, algorithm), tasks))
+                return [self._update(global_params, t, algorithm, state) for t in tasks]
+            return list(self.pool.map(lambda t: self._update(global_params, t, algorithm, state), tasks))
 
     def close(self) -> None:
         if self.pool is not None:

@@ -25,6 +25,10 @@ from flexp.data import Split
 from flexp.engine import batched_mlp
 from flexp.engine.batched_mlp import BatchedMLP, mlp_layers
 from flexp.engine.threads import intra_op_threads
+from flexp.flat import trainable
+from flexp.rng import draws_random, seeded
+
+State = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -91,20 +95,26 @@ class VectorizedEngine:
         self.workers = workers if parallel else 1
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="flexp-group") if parallel else None
         self.flat_x = train.x.reshape(len(train), -1) if self.layers else train.x
-        self.names = [name for name, _ in self.model.named_parameters()]
-        self.shapes = [p.shape for _, p in self.model.named_parameters()]
+        self.names = [name for name, _ in trainable(self.model)]
+        self.shapes = [p.shape for _, p in trainable(self.model)]
+        self.dtype = trainable(self.model)[0][1].dtype  # of the weights and losses; inputs may be token ids
+        self.buffer_names = [name for name, _ in self.model.named_buffers()]
+        self.random = draws_random(self.model, train.x[:2])  # Dropout: vmap draws per client, seeded per group
         self.last_path = ""  # "kernel" or "generic": which path the last round took
 
     def uses_kernel(self, algorithm: Algorithm) -> bool:
         """True when the batched MLP kernel implements this model and algorithm exactly."""
         return self.layers is not None and batched_mlp.supports(self.model, algorithm, self.task_loss)
 
-    def _client_loss(self, algorithm: Algorithm, params: dict[str, torch.Tensor], cstate: Any, x: torch.Tensor,
-                     y: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _client_loss(self, algorithm: Algorithm, params: dict[str, torch.Tensor], buffers: State, frozen: State,
+                     cstate: Any, x: torch.Tensor, y: torch.Tensor,
+                     mask: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, State]]:
         x, y = algorithm.batch(x, y, cstate)
-        losses = self.task_loss(functional_call(self.model, params, (x,)), y, reduction="none")
+        buffers = {k: v.clone() for k, v in buffers.items()}  # the forward updates them in place (BatchNorm)
+        output = functional_call(self.model, {**params, **frozen, **buffers}, (x,))
+        losses = self.task_loss(output, y, reduction="none")
         task = (losses * mask).sum() / mask.sum().clamp_min(1)
-        return algorithm.loss(task, params, cstate), task
+        return algorithm.loss(task, params, cstate), (task, buffers)
 
     def _train_mlp(self, global_params: torch.Tensor, plan: Lockstep, clients: int, algorithm: Algorithm,
                    messages: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -112,7 +122,7 @@ class VectorizedEngine:
         mu, anchor, correction, label_maps = batched_mlp.terms(algorithm, messages)
         anchor = BatchedMLP.from_flat(global_params, self.layers, clients) if anchor else None
         correction = BatchedMLP.from_rows(correction, self.layers) if correction is not None else None
-        loss_sum = torch.zeros(clients, device=self.device, dtype=self.train.x.dtype)
+        loss_sum = torch.zeros(clients, device=self.device, dtype=self.dtype)
         for idx, mask in zip(plan.indices, plan.mask):
             y = self.train.y[idx]
             y = y if label_maps is None else torch.gather(label_maps, 1, y)
@@ -126,43 +136,57 @@ class VectorizedEngine:
         return [part.view(len(rows), *shape) for part, shape in zip(rows.split(sizes, dim=1), self.shapes)]
 
     def _train_vmap(self, global_params: torch.Tensor, plan: Lockstep, clients: int, algorithm: Algorithm,
-                    messages: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                    messages: dict[str, torch.Tensor],
+                    state: State) -> tuple[torch.Tensor, torch.Tensor, dict, State]:
         tensors = [t.clone() for t in self._per_parameter(global_params.expand(clients, -1))]
         start = params = dict(zip(self.names, tensors))
+        buffers = {k: state[k].expand(clients, *state[k].shape).clone() for k in self.buffer_names if k in state}
+        frozen = {k: v for k, v in state.items() if k not in buffers}
         cstate = vmap(algorithm.client_init)(params, messages)
-        gradient = vmap(grad_and_value(partial(self._client_loss, algorithm), has_aux=True))
+        gradient = vmap(grad_and_value(partial(self._client_loss, algorithm), has_aux=True),
+                        in_dims=(0, 0, None, 0, 0, 0, 0), randomness="different" if self.random else "error")
         step = vmap(algorithm.step, in_dims=(0, 0, 0, None))
-        loss_sum = torch.zeros(clients, device=self.device, dtype=self.train.x.dtype)
+        loss_sum = torch.zeros(clients, device=self.device, dtype=self.dtype)
         for idx, mask in zip(plan.indices, plan.mask):
-            grads, (_, losses) = gradient(params, cstate, self.train.x[idx], self.train.y[idx], mask)
+            grads, (_, (losses, new_buffers)) = gradient(params, buffers, frozen, cstate, self.train.x[idx],
+                                                         self.train.y[idx], mask)
             new_params, new_cstate = step(params, grads, cstate, self.spec.lr)
-            active = mask.sum(1) > 0  # a client without a batch this step keeps its weights and state
+            active = mask.sum(1) > 0  # a client without a batch this step keeps its weights, state and buffers
             params, cstate = keep_where(active, new_params, params), keep_where(active, new_cstate, cstate)
+            buffers = keep_where(active, new_buffers, buffers)
             loss_sum += losses.detach() * mask.sum(1)
         extra = vmap(algorithm.client_final)(start, params, cstate) if has_final(algorithm) else {}
         flat = torch.cat([params[name].detach().reshape(clients, -1) for name in self.names], dim=1)
-        return flat, loss_sum, {k: v.detach() for k, v in extra.items()}
+        return flat, loss_sum, {k: v.detach() for k, v in extra.items()}, buffers
 
-    def _train_group(self, global_params: torch.Tensor, tasks: Sequence[ClientTask],
-                     algorithm: Algorithm) -> list[ClientResult]:
-        plan = lockstep_plan(tasks, self.spec).to(self.device, self.train.x.dtype)
+    def _train_group(self, global_params: torch.Tensor, tasks: Sequence[ClientTask], algorithm: Algorithm,
+                     state: State) -> list[ClientResult]:
+        plan = lockstep_plan(tasks, self.spec).to(self.device, self.dtype)
         messages = stacked_messages(tasks, self.device)
+        buffers: State = {}
         if self.uses_kernel(algorithm):
             with torch.no_grad():
                 flat, loss_sum, extra = self._train_mlp(global_params, plan, len(tasks), algorithm, messages)
+        elif self.random:
+            with seeded([t.seed for t in tasks], self.device):
+                flat, loss_sum, extra, buffers = self._train_vmap(global_params, plan, len(tasks), algorithm,
+                                                                  messages, state)
         else:
-            flat, loss_sum, extra = self._train_vmap(global_params, plan, len(tasks), algorithm, messages)
+            flat, loss_sum, extra, buffers = self._train_vmap(global_params, plan, len(tasks), algorithm, messages,
+                                                              state)
         sizes = [len(task.indices) for task in tasks]
         epochs = [task.local_epochs(self.spec) for task in tasks]
         mean_loss = (loss_sum.cpu() / (torch.tensor(sizes) * torch.tensor(epochs))).tolist()
         return [ClientResult(task.client, flat[k].clone(), sizes[k], mean_loss[k],
                              local_steps(sizes[k], self.spec.batch_size, epochs[k]),
-                             extra={name: v[k].clone() for name, v in extra.items()})
+                             extra={name: v[k].clone() for name, v in extra.items()},
+                             buffers={name: v[k].detach().clone() for name, v in buffers.items()})
                 for k, task in enumerate(tasks)]
 
     def run_round(self, global_params: torch.Tensor, tasks: Sequence[ClientTask],
-                  algorithm: Algorithm | None = None) -> list[ClientResult]:
-        """Train every task's client from `global_params` with `algorithm` (FedAvg when None); results in task order.
+                  algorithm: Algorithm | None = None, state: State | None = None) -> list[ClientResult]:
+        """Train every task's client from `global_params` (and the model's other `state`: flat.model_state) with
+        `algorithm` (FedAvg when None); results in task order.
 
         On the CPU every group runs on one intra-op thread, and kernel MLP groups (by default the sampled clients in
         two halves) run in parallel on `workers` threads, which also degrades gracefully under CPU contention where
@@ -174,7 +198,7 @@ class VectorizedEngine:
         halves = kernel and self.device.type == "cpu"
         size = self.group_size or (math.ceil(len(tasks) / 2) if halves else len(tasks))
         groups = [tasks[i:i + size] for i in range(0, len(tasks), size)]
-        run = partial(self._guarded, global_params, algorithm=algorithm)
+        run = partial(self._guarded, global_params, algorithm=algorithm, state=state or {})
         if self.device.type != "cpu":
             return [r for group in groups for r in run(group)]
         with intra_op_threads(1):  # kernels round differently with different thread counts
@@ -182,10 +206,10 @@ class VectorizedEngine:
                 return [r for group in groups for r in run(group)]
             return [r for out in self.pool.map(run, groups) for r in out]
 
-    def _guarded(self, global_params: torch.Tensor, tasks: Sequence[ClientTask],
-                 algorithm: Algorithm) -> list[ClientResult]:
+    def _guarded(self, global_params: torch.Tensor, tasks: Sequence[ClientTask], algorithm: Algorithm,
+                 state: State) -> list[ClientResult]:
         try:
-            return self._train_group(global_params, tasks, algorithm)
+            return self._train_group(global_params, tasks, algorithm, state)
         except Exception as err:  # a lockstep group fails as a whole; the server judges what to do
             return [failed_result(task, global_params, err) for task in tasks]
 
