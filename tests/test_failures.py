@@ -59,11 +59,11 @@ def failing_first(monkeypatch):
     calls = [math.inf, 0]
     real = threads.local_sgd
 
-    def local_sgd(model, x, y, task, spec):
+    def local_sgd(model, x, y, task, *rest):
         calls[1] += 1
         if calls[1] <= calls[0]:
             raise RuntimeError(f"GPU {task.client} on fire")
-        return real(model, x, y, task, spec)
+        return real(model, x, y, task, *rest)
 
     monkeypatch.setattr(threads, "local_sgd", local_sgd)
     return calls
