@@ -14,6 +14,7 @@ from torch import nn
 
 from flexp import checkpoint
 from flexp import partition as partitions
+from flexp.algorithm import Algorithm
 from flexp.baseline import run_baseline
 from flexp.callbacks import Callback, RoundData, build_callbacks, run_callbacks
 from flexp.client import LocalSpec
@@ -52,6 +53,7 @@ class Prepared:
     model: nn.Module
     device: torch.device
     callbacks: Sequence[tuple[str, Callback]] = ()
+    algorithm: Algorithm | None = None  # federated runs: built here, so a bad strategy target leaves no run behind
 
 
 def make_partition(cfg: ExperimentConfig, data: Dataset) -> list[torch.Tensor]:
@@ -91,7 +93,10 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
     model = new_model(cfg, data).to(device)
     callbacks = build_callbacks(cfg.callbacks) if cfg.mode == "federated" else []
     build_loss(cfg.loss), build_metrics(cfg.metrics)  # a bad loss or metric target is a ConfigError here
-    return Prepared(data.to(device), parts, model, device, callbacks)
+    algorithm = None
+    if cfg.mode == "federated":
+        algorithm = make_algorithm(cfg.strategy, cfg.attack, cfg.fl.clients, cfg.fl.lr, cfg.seed, data.num_classes)
+    return Prepared(data.to(device), parts, model, device, callbacks, algorithm)
 
 
 def run_name(cfg: ExperimentConfig) -> str:
@@ -123,8 +128,7 @@ def train(cfg: ExperimentConfig, ready: Prepared, on_record: Callable[[RoundReco
     evaluation = Evaluation(task_loss, build_metrics(cfg.metrics))
     engine = make_engine(cfg.engine, make_model, ready.data.train, spec, ready.device, task_loss)
     try:
-        algorithm = make_algorithm(cfg.strategy, cfg.attack, cfg.fl.clients, cfg.fl.lr, cfg.seed,
-                                   ready.data.num_classes)
+        algorithm = ready.algorithm
         if resume is not None:  # the checkpoint holds the state; the attacker wrapping it comes from the config
             algorithm.load_state_dict(resume.strategy.state_dict())
             resume = replace(resume, strategy=algorithm)

@@ -38,8 +38,15 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("overrides, key", CASES, ids=[" ".join(c[0]) for c in CASES])
-def test_bad_value_exits_2_with_one_line_naming_the_key(store, overrides, key):
+# One case per place the CLI can stop: the command line, Hydra's composition, validation, data-dependent checks
+# after the data loaded (the writer process already started), and a _target_ that cannot be imported.
+THROUGH_THE_CLI = [["model=resnet"], ["+learning_rate=0.1"], ["fl.lr=fast"], ["partition=natural", "fl.clients=4"],
+                   ["model=custom", "model._target_=no_such.Net"]]
+
+
+@pytest.mark.parametrize("overrides", THROUGH_THE_CLI, ids=" ".join)
+def test_bad_value_exits_2_with_one_line_naming_the_key(store, overrides):
+    key = dict((tuple(c[0]), c[1]) for c in CASES)[tuple(overrides)]
     proc = run_cli([*SMALL, *overrides], store, timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -53,6 +60,37 @@ def test_bad_value_exits_2_with_one_line_naming_the_key(store, overrides, key):
 
         with sqlite3.connect(db) as con:
             assert con.execute("select count(*) from runs").fetchone()[0] == 0
+
+
+def cli_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """The one line `python -m flexp ARGV` stops with, found in-process along the CLI's own path (argv checks,
+    composition, validation, then everything prepare() builds before a run starts)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from flexp.__main__ import check_group_choices
+    from flexp.api import compose
+    from flexp.config import ConfigError, parse_config
+    from flexp.job import prepare
+
+    try:
+        check_group_choices(argv)
+        try:
+            cfg = parse_config(OmegaConf.to_container(compose(argv), resolve=True))
+        except OmegaConfBaseException as err:
+            return str(err).splitlines()[0]
+        prepare(cfg)
+    except SystemExit:
+        return capsys.readouterr().err.strip()
+    except ConfigError as err:
+        return str(err)
+    pytest.fail(f"{argv} was accepted")
+
+
+@pytest.mark.parametrize("overrides, key", CASES, ids=[" ".join(c[0]) for c in CASES])
+def test_every_bad_value_is_refused_naming_its_key(overrides, key, capsys):
+    line = cli_error([*SMALL, *overrides], capsys)
+    assert key in line and len(line.splitlines()) == 1, line
 
 
 def one_error_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
