@@ -125,15 +125,27 @@ def main(cfg: DictConfig) -> float | None:
         result = execute(config, tracker, sweep_tags(), OmegaConf.to_yaml(cfg), output_dir, resume)
     except (ConfigError, TrackingError) as err:
         fail(str(err))
-    except (DataSourceError, AllClientsFailed, ClientFailure, Diverged) as err:
-        last = f" The last good checkpoint is in {output_dir}." if isinstance(err, Diverged) else ""
-        fail(" | ".join(str(err).splitlines()) + last, code=1)
+    except Diverged as err:
+        if in_multirun():    # a learning-rate grid's too-large rates diverge: that run is FAILED, the sweep goes on
+            print(f"flexp: warning: {err}; the sweep goes on", file=sys.stderr, flush=True)
+            return None
+        fail(f"{err} The last good checkpoint is in {output_dir}.", code=1)
+    except (DataSourceError, AllClientsFailed, ClientFailure) as err:
+        fail(" | ".join(str(err).splitlines()), code=1)
     except KeyboardInterrupt:
         fail(f"interrupted: the MLflow run is marked KILLED and keeps the rounds logged so far; continue it with "
              f"python -m flexp resume={output_dir}", code=130)
     finally:
         tracker.close()
     return result.summary().get("best_test_accuracy")
+
+
+def in_multirun() -> bool:
+    """True inside a job of a Hydra multirun (a sweep)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def job_output_dir() -> Path:

@@ -45,3 +45,21 @@ def paper_rounds(model: str, partition: str, epochs: int, batch: int | None, fra
         if key in table_:
             return table_[key] if table_[key] is not None else "-"
     return ""
+
+
+def percent(accuracy: float) -> str:
+    """0.97 -> '97%'."""
+    return f"{accuracy * 100:g}%"
+
+
+def paper_missing(model: str, partition: str, epochs: int, batch: int | None, fraction: float,
+                  target: float | None, table: str | None = None, dataset: str = "mnist") -> str:
+    """Why the paper has no number for this setting, e.g. 'paper: target 97%, this sweep 92%'; '' when it has one."""
+    if dataset != "mnist" or model not in TARGETS:
+        return f"paper: MNIST 2NN and CNN only, this sweep {dataset} {model}"
+    if target is None or abs(target - TARGETS[model]) > 1e-9:
+        return f"paper: target {percent(TARGETS[model])}, this sweep " + (percent(target) if target else "none")
+    if paper_rounds(model, partition, epochs, batch, fraction, target, table) == "":
+        b = "inf" if batch is None else batch
+        return f"paper: no {model} cell with partition={partition} E={epochs} B={b} C={fraction:g}"
+    return ""

@@ -1,7 +1,9 @@
-"""`python -m flexp.report <sweep id | experiment name>`: a sweep's table and plots, from MLflow into pandas.
+"""`python -m flexp.report KEY [KEY ...]`: the table and plots of one or more sweeps, from MLflow into pandas.
 
-Writes outputs/reports/<id>/{table.md, table.csv, accuracy.png, accuracy_vs_bytes.png[, baseline.png]} and,
-for a sweep, logs them as artifacts of its parent run.
+Each KEY is a sweep id or an experiment name; several are merged (blocks of one table run on different days or
+machines). Where a setting was run at several learning rates, the paper's selection picks the best per setting.
+Writes outputs/reports/<name>/{table.md, table.csv[, cells.csv], accuracy.png, accuracy_vs_bytes.png[,
+baseline.png]} and logs them as artifacts of each sweep's parent run.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from pathlib import Path
 import pandas as pd
 
 from flexp.metrics import interpolated_rounds_to_target, rounds_to_target
-from flexp.paper import paper_rounds
+from flexp.paper import paper_missing, paper_rounds, percent
+from flexp.selection import LR, best_rates, cell_keys, is_lr_grid, rates_table
 
 KEYS = ("model.name", "partition.name", "dataset.name", "fl.clients", "fl.fraction", "fl.local_epochs",
         "fl.batch_size", "fl.lr", "fl.rounds", "fl.target_accuracy", "seed", "mode")
@@ -96,6 +99,17 @@ def find_runs(key: str, tracking_uri: str | None = None) -> tuple[pd.DataFrame, 
     return runs.reset_index(drop=True), None
 
 
+def collect(keys: list[str], tracking_uri: str | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """The runs of several sweep ids or experiment names, merged (each run once); plus the sweeps' parent ids."""
+    frames, parents = [], []
+    for key in keys:
+        runs, parent = find_runs(key, tracking_uri)
+        frames.append(runs)
+        parents += [parent] if parent else []
+    runs = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    return runs.drop_duplicates("run_id").reset_index(drop=True), list(dict.fromkeys(parents))
+
+
 def histories(run_ids: list[str], metric: str) -> dict[str, list[tuple[int, float]]]:
     """Metric history per run as (step, value), sorted by step."""
     from mlflow.tracking import MlflowClient
@@ -106,37 +120,74 @@ def histories(run_ids: list[str], metric: str) -> dict[str, list[tuple[int, floa
 
 def build_table(runs: pd.DataFrame,
                 accs: Mapping[str, list[tuple[int, float]]]) -> tuple[pd.DataFrame, list[str], dict]:
-    """One row per run (in job order): the config keys that vary, the results, the paper's number; plus the
-    varying keys and the sweep's reference setting."""
+    """One row per run (in sweep and job order): the config keys that vary, the results, the paper's number; plus
+    the varying keys and the sweep's reference setting. Raises LookupError if the runs have different targets."""
     swept = [c[len("params."):] for c in runs.columns if c.startswith("params.") and not c.startswith("params.report.")
              and c[len("params."):] not in KEYS and runs[c].nunique(dropna=False) > 1]
     params = {k: runs.get(f"params.{k}") for k in (*KEYS, *sorted(swept)) if f"params.{k}" in runs}
     frame = pd.DataFrame({k: v.values for k, v in params.items()})
     frame.insert(0, "run_id", runs["run_id"].values)
+    if "tags.flexp.sweep_id" in runs:
+        frame.insert(1, "sweep", runs["tags.flexp.sweep_id"].values)
     if "tags.flexp.job_num" in runs:
-        frame.insert(1, "job", pd.to_numeric(runs["tags.flexp.job_num"], errors="coerce").values)
+        frame.insert(2 if "sweep" in frame else 1, "job",
+                     pd.to_numeric(runs["tags.flexp.job_num"], errors="coerce").values)
     varying = [k for k in params if frame[k].nunique(dropna=False) > 1]
-    target = number(frame["fl.target_accuracy"].iloc[0]) if "fl.target_accuracy" in frame else None
+    varying = [k for k in varying if k in KEYS or not implied(frame, k, [v for v in varying if v in KEYS])]
+    targets = {number(t) for t in frame.get("fl.target_accuracy", pd.Series([None]))}
+    if len(targets) > 1:
+        raise LookupError(f"the runs have different fl.target_accuracy values {sorted(map(str, targets))}; "
+                          "report them separately")
+    target = targets.pop()
     stats = summarise(accs, target)
     for column in ("best_accuracy", "final_accuracy", "rounds", "rounds_to_target", "rounds_to_target_interp"):
         frame[column] = [stats[r][column] for r in frame["run_id"]]
-    table_name = runs.get("params.report.table", pd.Series([None])).iloc[0]
-    frame["paper"] = [paper_rounds(r.get("model.name", ""), r.get("partition.name", ""),
-                                   int(number(r.get("fl.local_epochs")) or 1), batch(r.get("fl.batch_size")),
-                                   number(r.get("fl.fraction")) or 0.0, target, table_name)
-                      for r in frame.to_dict("records")]
-    reference = {k[len("params.report.reference."):]: runs[k].iloc[0]
-                 for k in runs.columns if k.startswith("params.report.reference.")}
+    frame = with_paper(frame, target, runs.get("params.report.table", pd.Series([None])).iloc[0])
+    reference = {k[len("params.report.reference."):]: runs[k].dropna().iloc[0]
+                 for k in runs.columns if k.startswith("params.report.reference.") and runs[k].notna().any()}
     frame = add_speedups(frame, reference, varying) if reference else frame.assign(speedup=None)
-    if "job" in frame:
-        frame = frame.sort_values("job", kind="stable").reset_index(drop=True)
+    order = [k for k in ("sweep", "job") if k in frame]
+    if order:
+        frame = frame.sort_values(order, kind="stable").reset_index(drop=True)
     return frame, varying, reference
+
+
+def implied(frame: pd.DataFrame, key: str, by: list[str]) -> bool:
+    """True if `key` is fixed by the keys `by` (e.g. partition.shards_per_client by partition.name)."""
+    return bool(by) and frame.groupby(by, dropna=False)[key].nunique(dropna=False).max() <= 1
+
+
+def with_paper(frame: pd.DataFrame, target: float | None, table: str | None) -> pd.DataFrame:
+    """Adds `paper` (the paper's rounds, '-' never reached, '' none) and `paper_note` (why there is none)."""
+    papers, notes = [], []
+    for r in frame.to_dict("records"):
+        setting = (str(r.get("model.name", "")), str(r.get("partition.name", "")),
+                   int(number(r.get("fl.local_epochs")) or 1), batch(r.get("fl.batch_size")),
+                   number(r.get("fl.fraction")) or 0.0, target, table)
+        note = paper_missing(*setting, dataset=str(r.get("dataset.name", "mnist")))
+        papers.append("" if note else paper_rounds(*setting))
+        notes.append(note)
+    return frame.assign(paper=papers, paper_note=notes)
+
+
+def with_ratio(frame: pd.DataFrame) -> pd.DataFrame:
+    """Adds `ratio`: our rounds to target over the paper's, where both are numbers."""
+    def ratio(r: Mapping[str, object]) -> float | None:
+        paper, ours = r["paper"], r["rounds_to_target_interp"]
+        return ours / paper if isinstance(paper, (int, float)) and paper and pd.notna(ours) else None
+    return frame.assign(ratio=[ratio(r) for r in frame.to_dict("records")])
+
+
+def paper_notes(frame: pd.DataFrame) -> str:
+    """The reasons the paper column is empty, one line each ('' if it never is)."""
+    return "".join(f"\n{note}\n" for note in dict.fromkeys(frame["paper_note"]) if note)
 
 
 def markdown(frame: pd.DataFrame, varying: list[str], target: float | None) -> str:
     """The table as Markdown: varying keys, then results (rounds-to-target as in the paper, interpolated)."""
     shown = frame[[*varying, "best_accuracy", "final_accuracy", "rounds", "rounds_to_target_interp", "speedup",
                    "paper"]].copy()
+    shown["paper"] = [p if p != "" or not n else "n/a" for p, n in zip(frame["paper"], frame["paper_note"])]
     if "fl.batch_size" in shown:
         shown["fl.batch_size"] = shown["fl.batch_size"].map(lambda b: shown_value("fl.batch_size", b))
     reached = f"rounds to {target:g}" if target else "rounds to target"
@@ -151,7 +202,13 @@ def markdown(frame: pd.DataFrame, varying: list[str], target: float | None) -> s
     if "speedup" in shown:
         shown["speedup"] = shown["speedup"].map(lambda v: f"{v:.1f}x" if pd.notna(v) else "")
     head = "| " + " | ".join(shown.columns) + " |\n|" + "---|" * len(shown.columns) + "\n"
-    return head + "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in shown.itertuples(index=False))
+    body = "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in shown.itertuples(index=False))
+    return head + body + paper_notes(frame)
+
+
+PARTITIONS = {"iid": "IID", "shards": "non-IID"}   # as the paper's column titles
+SHORT = {"fl.batch_size": "B", "fl.fraction": "C", "fl.local_epochs": "E", "fl.clients": "K", "fl.lr": "η"}
+PAPER_ORDER = ("partition.name", "fl.batch_size", "fl.local_epochs", "fl.fraction")
 
 
 def shown_value(key: str, value: object) -> str:
@@ -159,44 +216,96 @@ def shown_value(key: str, value: object) -> str:
     return "inf" if key == "fl.batch_size" and batch(value) is None else str(value)
 
 
+def paper_rank(key: str) -> int:
+    """Where a key's column goes: the paper's keys first, in its order."""
+    return PAPER_ORDER.index(key) if key in PAPER_ORDER else len(PAPER_ORDER)
+
+
+def column_title(keys: list[str], values: tuple) -> str:
+    """A layout column's title, as the paper writes it: 'IID B=inf'."""
+    return " ".join(PARTITIONS.get(str(v), str(v)) if k == "partition.name"
+                    else f"{SHORT.get(k, k)}={shown_value(k, v)}" for k, v in zip(keys, values))
+
+
+def column_order(key: str, value: object) -> tuple:
+    """Sort key for the paper's column order: IID before non-IID, B=inf first, then larger batches first."""
+    if key == "partition.name":
+        return (list(PARTITIONS).index(value) if value in PARTITIONS else len(PARTITIONS), str(value))
+    if key == "fl.batch_size":
+        return (0, 0.0) if batch(value) is None else (1, -float(batch(value)))
+    try:
+        return (0, float(str(value)))
+    except ValueError:
+        return (1, str(value))
+
+
 def label(row: Mapping[str, object], varying: list[str]) -> str:
-    return ", ".join(f"{k.split('.')[-1]}={shown_value(k, row[k])}" for k in varying) or str(row["run_id"])[:8]
+    """A run's legend entry: the keys that vary as the paper writes them ('IID B=10 C=0.1 η=0.1')."""
+    return column_title(varying, tuple(row[k] for k in varying)) or str(row["run_id"])[:8]
 
 
-def paper_layout(frame: pd.DataFrame, varying: list[str], reference: Mapping[str, object]) -> str:
-    """Like the paper's Table 1: one row per value of the reference key, one column per value of the other key;
-    cells 'rounds (speedup) [paper]'. Empty unless exactly two keys vary and one is the reference key."""
-    rows_key = next((k for k in reference if k in varying), None)
-    if rows_key is None or len(varying) != 2:
+def paper_layout(frame: pd.DataFrame, keys: list[str], reference: Mapping[str, object]) -> str:
+    """Like the paper's Table 1: one row per value of the reference key, one column per setting of the other keys
+    (IID B=inf, IID B=10, non-IID B=inf, non-IID B=10); cells 'rounds (speedup) [paper; ours/paper] η rate'.
+    Empty unless the reference key and at least one other vary and each row and column meet in one run."""
+    rows_key = next((k for k in reference if k in keys), None)
+    fixed = [k for k in ("partition.name", "fl.batch_size") if k in frame and k not in keys]   # name the block
+    cols_keys = sorted([*fixed, *(k for k in keys if k != rows_key)], key=paper_rank)
+    if rows_key is None or not cols_keys or frame.duplicated([rows_key, *cols_keys]).any():
         return ""
-    cols_key = next(k for k in varying if k != rows_key)
-
-    def cell(r: Mapping[str, object]) -> str:
-        rounds = r["rounds_to_target_interp"]
-        text = "—" if pd.isna(rounds) else f"{rounds:.1f}"
-        if pd.notna(r["speedup"]) and pd.notna(rounds):
-            text += f" ({r['speedup']:.1f}x)"
-        return text + (f" [{r['paper']}]" if r["paper"] not in ("", None) and pd.notna(r["paper"]) else "")
-
-    cols = list(dict.fromkeys(frame[cols_key]))
-    head = f"| {rows_key} | " + " | ".join(f"{cols_key}={shown_value(cols_key, c)}" for c in cols) + " |\n"
-    lines = [head, "|---|" + "---|" * len(cols) + "\n"]
-    for value in dict.fromkeys(frame[rows_key]):
+    cols = sorted(dict.fromkeys(frame[cols_keys].itertuples(index=False, name=None)),
+                  key=lambda c: [column_order(k, v) for k, v in zip(cols_keys, c)])
+    rows = sorted(dict.fromkeys(frame[rows_key]), key=lambda v: column_order(rows_key, v))
+    lines = [f"| {rows_key.split('.')[-1]} | " + " | ".join(column_title(cols_keys, c) for c in cols) + " |\n",
+             "|---|" + "---|" * len(cols) + "\n"]
+    for value in rows:
         cells = []
         for c in cols:
-            match = frame[(frame[rows_key] == value) & (frame[cols_key] == c)]
-            cells.append(cell(match.iloc[0]) if len(match) else "")
+            match = frame[(frame[rows_key] == value) & (frame[cols_keys] == list(c)).all(axis=1)]
+            cells.append(layout_cell(match.iloc[0]) if len(match) else "")
         lines.append(f"| {value} | " + " | ".join(cells) + " |\n")
     return "".join(lines)
 
 
+def in_paper_order(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Rows sorted as the paper orders settings (IID before non-IID, B=inf first, C ascending), stably."""
+    order = frame[keys].apply(lambda r: tuple(column_order(k, r[k]) for k in keys), axis=1) if keys else None
+    return frame if order is None else frame.iloc[sorted(range(len(frame)), key=lambda i: order.iloc[i])]
+
+
+def layout_cell(r: Mapping[str, object]) -> str:
+    """'87.3 (3.6x) [87; 1.00] η 0.1†': rounds, speedup, the paper's rounds and ours/paper, the chosen rate."""
+    rounds = r["rounds_to_target_interp"]
+    text = "—" if pd.isna(rounds) else f"{rounds:.1f}"
+    if pd.notna(r.get("speedup")) and pd.notna(rounds):
+        text += f" ({r['speedup']:.1f}x)"
+    if r.get("paper") not in ("", None) and pd.notna(r.get("paper")):
+        ratio = r.get("ratio")
+        text += f" [{r['paper']}" + (f"; {ratio:.2f}]" if ratio is not None and pd.notna(ratio) else "]")
+    if "lr_edge" in r and pd.notna(rounds):
+        text += f" η {number(r[LR]):g}" + ("†" if r["lr_edge"] else "")
+    return text
+
+
 def plot(frame: pd.DataFrame, varying: list[str], accs: Mapping, traffic: Mapping, baseline: Mapping,
-         out: Path) -> list[Path]:
-    """accuracy vs round, accuracy vs cumulative bytes, and FL against the centralized baseline if there is one."""
+         out: Path, title: str, target: float | None) -> list[Path]:
+    """accuracy vs round, accuracy vs cumulative bytes, and FL against the centralized baseline if there is one;
+    each titled, with a dashed line at the target and the legend outside the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    def save(fig: object, ax: object, name: str, what: str) -> Path:
+        if target is not None:
+            ax.axhline(target, color="gray", linestyle="--", linewidth=1, label=f"target {percent(target)}")
+        ax.set_title(f"{title}: {what}", fontsize=9)
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+        fig.savefig(out / name, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        return out / name
 
     paths = []
     for name, xlabel, xs_of in (("accuracy.png", "round", lambda r: [s for s, _ in accs[r]]),
@@ -206,33 +315,30 @@ def plot(frame: pd.DataFrame, varying: list[str], accs: Mapping, traffic: Mappin
         for row in frame.to_dict("records"):
             ax.plot(xs_of(row["run_id"]), [a for _, a in accs[row["run_id"]]], label=label(row, varying))
         for run_id, history in baseline.items():
-            ax.axhline(max(a for _, a in history), color="black", linestyle="--", label=f"baseline best ({run_id[:6]})")
+            ax.axhline(max(a for _, a in history), color="black", linestyle=":", label=f"baseline best ({run_id[:6]})")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy")
         if "bytes" in name:
             ax.set_xscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        paths.append(out / name)
+        paths.append(save(fig, ax, name, f"test accuracy against {xlabel.split(' (')[0]}"))
     if baseline:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for row in frame.to_dict("records"):
             ax.plot([s for s, _ in accs[row["run_id"]]], [a for _, a in accs[row["run_id"]]],
                     label=f"FedAvg {label(row, varying)}")
         for run_id, history in baseline.items():
-            ax.plot([s for s, _ in history], [a for _, a in history], "k--", label=f"centralized ({run_id[:6]})")
+            ax.plot([s for s, _ in history], [a for _, a in history], "k:", label=f"centralized ({run_id[:6]})")
         ax.set_xlabel("round (FedAvg) / epoch (centralized)")
-        ax.set_ylabel("test accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "baseline.png", dpi=110)
-        plt.close(fig)
-        paths.append(out / "baseline.png")
+        paths.append(save(fig, ax, "baseline.png", "FedAvg against centralized training"))
     return paths
+
+
+def plot_title(frame: pd.DataFrame, tuned: bool) -> str:
+    """What every curve shares, e.g. '2nn on mnist, E=1' (+ ', best η per setting')."""
+    first = frame.iloc[0]
+    parts = [f"{first.get('model.name', '')} on {first.get('dataset.name', '')}"]
+    if "fl.local_epochs" in frame and frame["fl.local_epochs"].nunique() == 1:
+        parts.append(f"E={first['fl.local_epochs']}")
+    return ", ".join(parts) + (", best η per setting" if tuned else "")
 
 
 def cumulative_bytes(traffic: Mapping[str, list[tuple[int, float]]], steps: list[int]) -> list[float]:
@@ -249,52 +355,86 @@ def cumulative_bytes(traffic: Mapping[str, list[tuple[int, float]]], steps: list
     return out if len(out) == len(steps) else [float(s) for s in steps]
 
 
-def report(key: str, out_root: Path = Path("outputs/reports"), tracking_uri: str | None = None) -> Path:
-    """Build the report for a sweep id or experiment name; return its directory."""
-    runs, parent = find_runs(key, tracking_uri)
+def report(keys: str | list[str], out_root: Path = Path("outputs/reports"), tracking_uri: str | None = None,
+           name: str | None = None) -> Path:
+    """Build the report for one or more sweep ids or experiment names (merged); return its directory."""
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    runs, parents = collect(keys, tracking_uri)
     is_baseline = runs.get("tags.flexp.mode", pd.Series(index=runs.index, dtype=object)) == "baseline"
     fl_runs, base_runs = runs.loc[~is_baseline].reset_index(drop=True), runs.loc[is_baseline]
     if fl_runs.empty:
-        raise LookupError(f"{key!r} has no federated runs")
+        raise LookupError(f"{' '.join(keys)!r} has no federated runs")
     accs = histories(list(fl_runs["run_id"]), "test_accuracy")
     traffic = {r: {m: h[r] for m in ("bytes_up", "bytes_down") for h in [histories([r], m)]} for r in accs}
     baseline = histories(list(base_runs["run_id"]), "test_accuracy")
     frame, varying, reference = build_table(fl_runs, accs)
     target = number(frame["fl.target_accuracy"].iloc[0]) if "fl.target_accuracy" in frame else None
-    out = out_root / key.replace("/", "_")
+    name = name or "+".join(keys)
+    out = out_root / name.replace("/", "_")
     out.mkdir(parents=True, exist_ok=True)
-    text = markdown(frame, varying, target)
-    layout = paper_layout(frame, varying, reference)
-    if layout:
-        has_paper = any(v not in ("", None) for v in frame["paper"])
-        text = (f"Rounds to {target:g} (paper's interpolation; speedup against {', '.join(reference)} = "
-                f"{', '.join(str(v) for v in reference.values())}"
-                f"{'; [the paper]' if has_paper else ''}):\n\n{layout}\nAll runs:\n\n{text}")
-    (out / "table.md").write_text(f"# {key}\n\n{text}")
+    text, shown, shown_keys = tables(frame, varying, reference, target)
+    (out / "table.md").write_text(f"# {name}\n\n{text}")
     frame.to_csv(out / "table.csv", index=False)
-    paths = [out / "table.md", out / "table.csv", *plot(frame, varying, accs, traffic, baseline, out)]
-    if parent:
+    paths = [out / "table.md", out / "table.csv"]
+    if shown is not frame:
+        shown.to_csv(out / "cells.csv", index=False)
+        paths.append(out / "cells.csv")
+    paths += plot(shown, shown_keys, accs, traffic, baseline, out, plot_title(frame, shown is not frame), target)
+    if parents:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient()
-        for path in paths:
-            client.log_artifact(parent, str(path), "report")
+        for parent in parents:
+            for path in paths:
+                client.log_artifact(parent, str(path), "report")
     print(text)
-    print(f"wrote {out}" + (f" and logged it to parent run {parent}" if parent else ""))
+    print(f"wrote {out}" + (f" and logged it to parent run(s) {', '.join(parents)}" if parents else ""))
     return out
+
+
+def tables(frame: pd.DataFrame, varying: list[str], reference: Mapping[str, object],
+           target: float | None) -> tuple[str, pd.DataFrame, list[str]]:
+    """The report's Markdown; the rows it plots (the best rate per setting on a learning-rate grid, else every
+    run) and the keys that label them."""
+    reached = f"Rounds to {percent(target)}" if target else "Rounds to target"
+    against = f"speedup against {', '.join(f'{k} = {v}' for k, v in reference.items())} in the same column"
+    cells = sorted(cell_keys(varying), key=paper_rank)
+    if is_lr_grid(frame, cells):
+        best = with_ratio(add_speedups(best_rates(frame, cells), reference, cells) if reference
+                          else best_rates(frame, cells).assign(speedup=None))
+        edges = best.loc[best["lr_edge"] & best["reached"], cells]
+        rows = [*(k for k in reference if k not in cells and k in best), *cells]   # C is the rows even if fixed
+        text = (f"{reached}, best learning rate per setting (fewest interpolated rounds; ties to the smaller rate; "
+                f"'—' where no rate reached the target); {against}; [the paper's rounds; ours/paper]; η the "
+                f"chosen rate, † at an edge of the rates tried:\n\n{paper_layout(best, rows, reference)}"
+                f"{paper_notes(best)}")
+        if len(edges):
+            text += "\nBest rate at an edge of the grid (widen it there): " + "; ".join(
+                label(r, cells) for r in edges.to_dict("records")) + "\n"
+        text += (f"\nEvery learning rate tried (rounds to {percent(target) if target else 'target'}; "
+                 f"bold: chosen):\n\n{rates_table(in_paper_order(frame, cells), cells, shown_value)}\nAll runs:\n\n"
+                 f"{markdown(frame, varying, target)}")
+        return text, best, [*cells, LR]
+    layout = paper_layout(with_ratio(frame), varying, reference)
+    text = markdown(frame, varying, target)
+    if layout:
+        text = f"{reached} (paper's interpolation; {against}; [the paper]):\n\n{layout}\nAll runs:\n\n{text}"
+    return text, frame, varying
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flexp.report", description=__doc__.splitlines()[0])
-    parser.add_argument("key", help="a sweep id (tag flexp.sweep_id) or an MLflow experiment name")
+    parser.add_argument("keys", nargs="+", metavar="KEY",
+                        help="a sweep id (tag flexp.sweep_id) or an MLflow experiment name; several are merged")
     parser.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///outputs/mlflow.db")
     parser.add_argument("--out", default="outputs/reports", type=Path)
+    parser.add_argument("--name", default=None, help="the report's folder under --out (default: the keys joined by +)")
     args = parser.parse_args(argv)
     import os
 
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///outputs/mlflow.db")
     try:
-        report(args.key, args.out, uri)
+        report(args.keys, args.out, uri, args.name)
     except LookupError as err:
         print(f"flexp.report: error: {err}", file=sys.stderr)
         return 2

@@ -172,3 +172,14 @@ def test_tracking_that_dies_mid_run_does_not_stop_training(tmp_path, caplog):
     assert writer.failure is not None
     assert "resume=DIR" in caplog.text and "nothing logged so far is lost" in caplog.text
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1]
+
+
+def test_a_diverged_job_in_a_sweep_ends_failed_and_the_sweep_goes_on(store):
+    """A learning-rate grid's too-large rates diverge; the other rates of the sweep must still run."""
+    proc = run_cli(["-m", *SMALL, "tracking.log_model=false", "fl.lr=1e37,0.1", "fl.rounds=2"], store)
+    assert proc.returncode == 0, proc.stderr
+    assert "the run diverged (lower fl.lr?); the sweep goes on" in proc.stderr
+    client = mlflow_client(store)
+    runs = client.search_runs([client.get_experiment_by_name("flexp").experiment_id])
+    status = {r.data.params["fl.lr"]: r.info.status for r in runs if r.data.tags.get("flexp.sweep_parent") != "true"}
+    assert status == {"1e+37": "FAILED", "0.1": "FINISHED"}

@@ -136,3 +136,28 @@ def test_slurm_launcher_preset_composes():
         cfg = compose("config", ["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu" and launcher.cpus_per_task == 4
+
+
+@pytest.mark.parametrize("block, partition, batch", [("table1_iid_b10", "iid", "10"),
+                                                      ("table1_noniid_b10", "shards", "10"),
+                                                      ("table1_iid_binf", "iid", "0"),
+                                                      ("table1_noniid_binf", "shards", "0")])
+def test_table1_blocks_sweep_the_five_fractions_on_a_learning_rate_grid_of_resolution_cube_root_ten(
+        block, partition, batch):
+    from hydra import compose, initialize_config_dir
+
+    from flexp.__main__ import CONF_DIR
+    from flexp.searchpath import SWEEPS_DIR
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", ["+experiment=mnist_2nn_iid", f"+sweep={block}", f"hydra.searchpath=[file://{SWEEPS_DIR}]"],
+                      return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert (params.partition, params["++fl.batch_size"]) == (partition, batch)
+    assert params["++fl.fraction"] == "0.0,0.1,0.2,0.5,1.0"
+    lrs = [float(v) for v in params["++fl.lr"].split(",")]
+    assert len(lrs) >= 5
+    for low, high in zip(lrs, lrs[1:]):   # rates written to 3 significant figures: each ratio within 0.5%
+        assert high / low == pytest.approx(10 ** (1 / 3), rel=0.005)
+    assert cfg.fl.target_accuracy == 0.97 and cfg.fl.stop_at_target and cfg.fl.eval_every == 1
+    assert cfg.tracking.experiment == "table1_2nn" and cfg.fl.local_epochs == 1 and cfg.model.name == "2nn"
