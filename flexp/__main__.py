@@ -36,7 +36,8 @@ def check_group_choices(argv: list[str]) -> None:
     flexp_primary = not any(a.partition("=")[0] in OWN_PRIMARY_FLAGS for a in argv)
     for arg in argv:
         name, sep, value = arg.lstrip("+~").partition("=")
-        if sep and "." in name and not arg.startswith(("+", "~", "hydra.")):
+        plain = sep and not arg.startswith(("+", "~", "-", "hydra")) and "/" not in name
+        if plain and ("." in name or name not in GROUPS):
             try:
                 check_key(name)
             except ConfigError as err:
@@ -160,6 +161,8 @@ def resumed(config: ExperimentConfig) -> tuple[ExperimentConfig, Checkpoint, Pat
     from flexp import checkpoint
 
     directory = Path(config.resume).expanduser()
+    if directory.name == checkpoint.FILE and directory.is_file():
+        directory = directory.parent
     if not (directory / checkpoint.FILE).is_file():
         directory = output_dir_of_run(config.resume, config)
     try:
@@ -203,11 +206,24 @@ def cli() -> None:
     """The `flexp` command and `python -m flexp`: check the command line in one line each, then run Hydra."""
     argv = sys.argv[1:]
     interrupt_on_sigterm()
+    if {"-m", "--multirun"} & set(argv) and any(a in ("-c", "--cfg") or a.startswith("--cfg=") for a in argv):
+        fail("--cfg shows one job's config: drop -m (Hydra prints one config at a time)")
     check_group_choices(argv)
+    warn_resume_overrides(argv)
     if "--help" in argv or "-h" in argv:
         print(usage(search_dirs(argv)))
     sys.argv[1:] = with_sweeps_on_search_path(forcing_known_keys(argv))
     main()
+
+
+def warn_resume_overrides(argv: list[str]) -> None:
+    """resume= continues a run with the config it started with: say so when other overrides would be ignored."""
+    if not any(a.startswith("resume=") for a in argv):
+        return
+    ignored = [a for a in argv if "=" in a and not a.startswith(("resume=", "hydra", "-"))]
+    if ignored:
+        print(f"flexp: warning: resume= continues the run with its own config; ignored: {' '.join(ignored)}",
+              file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ CASES = [
     (["fl.lrr=0.1"], "fl.lrr"),
     (["+fl.lrr=0.1"], "fl.lrr"),
     (["+learning_rate=0.1"], "learning_rate"),
+    (["seeed=1"], "seeed"),
     (["strategy=fedsgd"], "strategy"),
     (["strategy=trimmed_mean", "strategy.trim=0.7"], "strategy.trim"),
     (["attack.name=poison"], "attack.name"),
@@ -128,3 +129,23 @@ def test_unknown_options_are_listed_from_every_search_path_dir(user_dir, where, 
         "model='resnet': unknown model; choose one of 2nn, cnn, custom, logreg, wide")
     assert ("choose one of mine, table1, table1_iid_b10, table1_iid_binf, table1_noniid_b10, table1_noniid_binf, "
             "table1_quick, table2, table2_quick") in one_error_line([*dirs, "+sweep=x"], capsys)
+
+
+def test_multirun_with_cfg_is_one_line_not_hydras_traceback(monkeypatch, capsys):
+    from flexp.__main__ import cli
+
+    monkeypatch.setattr("sys.argv", ["flexp", "-m", "+sweep=table1_quick", "--cfg", "job"])
+    with pytest.raises(SystemExit) as stop:
+        cli()
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.splitlines()) == 1 and "drop -m" in err, err
+
+
+def test_overrides_beside_resume_are_said_to_be_ignored(capsys):
+    from flexp.__main__ import warn_resume_overrides
+
+    warn_resume_overrides(["resume=outputs/runs/x", "fl.rounds=4", "hydra.run.dir=y"])
+    assert capsys.readouterr().err.strip() == ("flexp: warning: resume= continues the run with its own config; "
+                                               "ignored: fl.rounds=4")
+    warn_resume_overrides(["resume=outputs/runs/x"])
+    assert capsys.readouterr().err == ""
