@@ -79,28 +79,25 @@ def test_batchnorm_statistics_are_the_n_k_weighted_mean_and_the_global_model_eva
     assert result.history[-1].test_loss != evaluate(load_flat(bn_net(), result.params), test)[1]
 
 
-def test_integer_buffers_are_the_rounded_weighted_mean_and_vectorized_agrees_on_full_batches():
-    train, parts = data(), [torch.arange(0, 30), torch.arange(30, 40)]  # 3 and 1 steps of B=10
+def test_integer_buffers_are_the_rounded_weighted_mean_and_the_vectorized_engine_gives_the_same_weights():
+    train, parts = data(), [torch.arange(0, 30), torch.arange(30, 37)]  # 3 and 1 steps of B=10, one partial
     _, threads = run(bn_net, ThreadEngine, fl(batch_size=10), parts, train, workers=2)
-    assert int(threads.state["1.num_batches_tracked"]) == round((30 * 3 + 10 * 1) / 40)
+    assert int(threads.state["1.num_batches_tracked"]) == round((30 * 3 + 7 * 1) / 37)
     _, vectorized = run(bn_net, VectorizedEngine, fl(batch_size=10), parts, train)
-    bound = sgd_rounding_bound(3, FEATURES * 10, 6, torch.float64)
-    for name, value in threads.state.items():
-        assert torch.allclose(vectorized.state[name].double(), value.double(), rtol=bound, atol=bound), name
-    assert torch.allclose(vectorized.params, threads.params, rtol=bound, atol=bound)
+    assert torch.equal(vectorized.params, threads.params)  # models with buffers train per client there too
+    assert all(torch.equal(vectorized.state[name], value) for name, value in threads.state.items())
 
 
 @pytest.mark.engines
-def test_dropout_draws_per_client_so_workers_do_not_matter_and_each_engine_repeats_itself():
+def test_dropout_draws_per_client_so_neither_workers_nor_the_engine_matter():
     train, cfg = data(80), fl(rounds=2, batch_size=5, clients=4, epochs=2)
     parts = list(torch.arange(80).split([30, 10, 25, 15]))
     rng = torch.get_rng_state()
     _, one = run(drop_net, ThreadEngine, cfg, parts, train, workers=1)
     _, two = run(drop_net, ThreadEngine, cfg, parts, train, workers=2)
     assert torch.equal(one.params, two.params)
-    _, vec_a = run(drop_net, VectorizedEngine, cfg, parts, train)
-    _, vec_b = run(drop_net, VectorizedEngine, cfg, parts, train)
-    assert torch.equal(vec_a.params, vec_b.params)
+    _, vectorized = run(drop_net, VectorizedEngine, cfg, parts, train)
+    assert torch.equal(vectorized.params, one.params)
     torch.set_rng_state(rng)
     _, again = run(drop_net, ThreadEngine, cfg, parts, train, workers=2)
     assert torch.equal(again.params, one.params)

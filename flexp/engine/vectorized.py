@@ -24,9 +24,9 @@ from flexp.client import ClientResult, ClientTask, LocalSpec, epoch_orders, fail
 from flexp.data import Split
 from flexp.engine import batched_mlp
 from flexp.engine.batched_mlp import BatchedMLP, mlp_layers
-from flexp.engine.threads import intra_op_threads
+from flexp.engine.threads import ThreadEngine, intra_op_threads
 from flexp.flat import trainable
-from flexp.rng import draws_random, seeded
+from flexp.rng import draws_random
 
 State = dict[str, torch.Tensor]
 
@@ -98,23 +98,24 @@ class VectorizedEngine:
         self.names = [name for name, _ in trainable(self.model)]
         self.shapes = [p.shape for _, p in trainable(self.model)]
         self.dtype = trainable(self.model)[0][1].dtype  # of the weights and losses; inputs may be token ids
-        self.buffer_names = [name for name, _ in self.model.named_buffers()]
-        self.random = draws_random(self.model, train.x[:2])  # Dropout: vmap draws per client, seeded per group
-        self.last_path = ""  # "kernel" or "generic": which path the last round took
+        # vmap can neither draw each client's Dropout masks from its own (seed, round, client) generator nor keep
+        # a lockstep group's padding out of BatchNorm's batch statistics: such models train client by client, on
+        # the thread engine's code, so every engine gives them the same weights.
+        stateful = draws_random(self.model, train.x[:2]) or any(True for _ in self.model.buffers())
+        self.per_client = ThreadEngine(make_model, train, spec, workers, device, task_loss) if stateful else None
+        self.last_path = ""  # "kernel", "generic" or "per-client": which path the last round took
 
     def uses_kernel(self, algorithm: Algorithm) -> bool:
         """True when the batched MLP kernel implements this model and algorithm exactly."""
         return self.layers is not None and batched_mlp.supports(self.model, algorithm, self.task_loss)
 
-    def _client_loss(self, algorithm: Algorithm, params: dict[str, torch.Tensor], buffers: State, frozen: State,
-                     cstate: Any, x: torch.Tensor, y: torch.Tensor,
-                     mask: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, State]]:
+    def _client_loss(self, algorithm: Algorithm, params: dict[str, torch.Tensor], frozen: State, cstate: Any,
+                     x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = algorithm.batch(x, y, cstate)
-        buffers = {k: v.clone() for k, v in buffers.items()}  # the forward updates them in place (BatchNorm)
-        output = functional_call(self.model, {**params, **frozen, **buffers}, (x,))
+        output = functional_call(self.model, {**params, **frozen}, (x,))
         losses = self.task_loss(output, y, reduction="none")
         task = (losses * mask).sum() / mask.sum().clamp_min(1)
-        return algorithm.loss(task, params, cstate), (task, buffers)
+        return algorithm.loss(task, params, cstate), task
 
     def _train_mlp(self, global_params: torch.Tensor, plan: Lockstep, clients: int, algorithm: Algorithm,
                    messages: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -137,50 +138,40 @@ class VectorizedEngine:
 
     def _train_vmap(self, global_params: torch.Tensor, plan: Lockstep, clients: int, algorithm: Algorithm,
                     messages: dict[str, torch.Tensor],
-                    state: State) -> tuple[torch.Tensor, torch.Tensor, dict, State]:
+                    state: State) -> tuple[torch.Tensor, torch.Tensor, dict]:
         tensors = [t.clone() for t in self._per_parameter(global_params.expand(clients, -1))]
         start = params = dict(zip(self.names, tensors))
-        buffers = {k: state[k].expand(clients, *state[k].shape).clone() for k in self.buffer_names if k in state}
-        frozen = {k: v for k, v in state.items() if k not in buffers}
+        frozen = dict(state)  # models with buffers train per client: what remains are frozen parameters
         cstate = vmap(algorithm.client_init)(params, messages)
         gradient = vmap(grad_and_value(partial(self._client_loss, algorithm), has_aux=True),
-                        in_dims=(0, 0, None, 0, 0, 0, 0), randomness="different" if self.random else "error")
+                        in_dims=(0, None, 0, 0, 0, 0))
         step = vmap(algorithm.step, in_dims=(0, 0, 0, None))
         loss_sum = torch.zeros(clients, device=self.device, dtype=self.dtype)
         for idx, mask in zip(plan.indices, plan.mask):
-            grads, (_, (losses, new_buffers)) = gradient(params, buffers, frozen, cstate, self.train.x[idx],
-                                                         self.train.y[idx], mask)
+            grads, (_, losses) = gradient(params, frozen, cstate, self.train.x[idx], self.train.y[idx], mask)
             new_params, new_cstate = step(params, grads, cstate, self.spec.lr)
-            active = mask.sum(1) > 0  # a client without a batch this step keeps its weights, state and buffers
+            active = mask.sum(1) > 0  # a client without a batch this step keeps its weights and state
             params, cstate = keep_where(active, new_params, params), keep_where(active, new_cstate, cstate)
-            buffers = keep_where(active, new_buffers, buffers)
             loss_sum += losses.detach() * mask.sum(1)
         extra = vmap(algorithm.client_final)(start, params, cstate) if has_final(algorithm) else {}
         flat = torch.cat([params[name].detach().reshape(clients, -1) for name in self.names], dim=1)
-        return flat, loss_sum, {k: v.detach() for k, v in extra.items()}, buffers
+        return flat, loss_sum, {k: v.detach() for k, v in extra.items()}
 
     def _train_group(self, global_params: torch.Tensor, tasks: Sequence[ClientTask], algorithm: Algorithm,
                      state: State) -> list[ClientResult]:
         plan = lockstep_plan(tasks, self.spec).to(self.device, self.dtype)
         messages = stacked_messages(tasks, self.device)
-        buffers: State = {}
         if self.uses_kernel(algorithm):
             with torch.no_grad():
                 flat, loss_sum, extra = self._train_mlp(global_params, plan, len(tasks), algorithm, messages)
-        elif self.random:
-            with seeded([t.seed for t in tasks], self.device):
-                flat, loss_sum, extra, buffers = self._train_vmap(global_params, plan, len(tasks), algorithm,
-                                                                  messages, state)
         else:
-            flat, loss_sum, extra, buffers = self._train_vmap(global_params, plan, len(tasks), algorithm, messages,
-                                                              state)
+            flat, loss_sum, extra = self._train_vmap(global_params, plan, len(tasks), algorithm, messages, state)
         sizes = [len(task.indices) for task in tasks]
         epochs = [task.local_epochs(self.spec) for task in tasks]
         mean_loss = (loss_sum.cpu() / (torch.tensor(sizes) * torch.tensor(epochs))).tolist()
         return [ClientResult(task.client, flat[k].clone(), sizes[k], mean_loss[k],
                              local_steps(sizes[k], self.spec.batch_size, epochs[k]),
-                             extra={name: v[k].clone() for name, v in extra.items()},
-                             buffers={name: v[k].detach().clone() for name, v in buffers.items()})
+                             extra={name: v[k].clone() for name, v in extra.items()})
                 for k, task in enumerate(tasks)]
 
     def run_round(self, global_params: torch.Tensor, tasks: Sequence[ClientTask],
@@ -193,6 +184,9 @@ class VectorizedEngine:
         intra-op threads stall. Groups depend on the config alone, so the result never depends on thread counts.
         """
         algorithm = algorithm or Algorithm()
+        if self.per_client is not None:
+            self.last_path = "per-client"
+            return self.per_client.run_round(global_params, tasks, algorithm, state)
         kernel = self.uses_kernel(algorithm)
         self.last_path = "kernel" if kernel else "generic"
         halves = kernel and self.device.type == "cpu"
@@ -216,6 +210,8 @@ class VectorizedEngine:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True)
+        if self.per_client is not None:
+            self.per_client.close()
 
 
 def has_final(algorithm: Algorithm) -> bool:
