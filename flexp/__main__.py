@@ -119,7 +119,7 @@ def main(cfg: DictConfig) -> float | None:
     tracker = TrackingWriter(config.tracking)
     tracker.resume_hint = f"To log the rest later: python -m flexp resume={output_dir}"
     from flexp.data.mnist import DataSourceError
-    from flexp.fedavg import AllClientsFailed, ClientFailure, Diverged
+    from flexp.fedavg import AllClientsFailed, ClientFailure, Diverged, ServerStepFailed
     from flexp.job import execute
 
     try:
@@ -131,7 +131,7 @@ def main(cfg: DictConfig) -> float | None:
             print(f"flexp: warning: {err}; the sweep goes on", file=sys.stderr, flush=True)
             return None
         fail(f"{err} The last good checkpoint is in {output_dir}.", code=1)
-    except (DataSourceError, AllClientsFailed, ClientFailure) as err:
+    except (DataSourceError, AllClientsFailed, ClientFailure, ServerStepFailed) as err:
         fail(" | ".join(str(err).splitlines()), code=1)
     except KeyboardInterrupt:
         fail(f"interrupted: the MLflow run is marked KILLED and keeps the rounds logged so far; continue it with "

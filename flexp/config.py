@@ -403,8 +403,9 @@ def _model(tree: Mapping[str, Any]) -> ModelConfig:
     if "_target_" in s.node:
         target = s.text("_target_")
         name = s.text("name", default=target.rpartition(".")[2])
-        return ModelConfig(name=name, target=target,
-                           kwargs={k: v for k, v in s.node.items() if k not in ("name", "_target_")})
+        kwargs = {k: v for k, v in s.node.items() if k not in ("name", "_target_")}
+        check_arguments(s.key("_target_"), target, kwargs, supplied=("input_shape", "num_classes"))
+        return ModelConfig(name=name, target=target, kwargs=kwargs)
     if "name" not in s.node:
         raise ConfigError("model._target_", None, "is missing: model=custom needs model._target_=module.Callable")
     for key in s.node:

@@ -149,6 +149,21 @@ class Diverged(RuntimeError):
     """The test loss became NaN or infinite."""
 
 
+class ServerStepFailed(RuntimeError):
+    """The algorithm's server side (aggregate) raised: the run cannot go on."""
+
+
+def aggregated(algorithm: Algorithm, round_: int, params: torch.Tensor,
+               replies: Sequence[ClientResult]) -> torch.Tensor:
+    """algorithm.aggregate, its failure told in one line naming the algorithm and the round."""
+    try:
+        return algorithm.aggregate(round_, params, replies)
+    except Exception as err:
+        text = " ".join(str(err).split())[:300]
+        raise ServerStepFailed(f"round {round_}: {type(algorithm).__name__}.aggregate raised "
+                               f"{type(err).__name__}: {text}") from err
+
+
 class AllClientsFailed(RuntimeError):
     """Every client failed in each of the run's first FAILED_ROUNDS rounds: no update was ever averaged."""
 
@@ -245,7 +260,7 @@ def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split,
             log.warning("round %d: %s; the global model is unchanged", round_,
                         "every client failed" if failed else "no client returned")
         else:
-            global_params = algorithm.aggregate(round_, global_params, good)
+            global_params = aggregated(algorithm, round_, global_params, good)
             global_state = average_buffers(global_state, good)
             sent = {"state": global_state} if global_state else {}
         n_total = sum(u.num_samples for u in good)

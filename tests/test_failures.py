@@ -183,3 +183,15 @@ def test_a_diverged_job_in_a_sweep_ends_failed_and_the_sweep_goes_on(store):
     runs = client.search_runs([client.get_experiment_by_name("flexp").experiment_id])
     status = {r.data.params["fl.lr"]: r.info.status for r in runs if r.data.tags.get("flexp.sweep_parent") != "true"}
     assert status == {"1e+37": "FAILED", "0.1": "FINISHED"}
+
+
+def test_an_algorithm_whose_server_step_raises_stops_the_run_in_one_line():
+    from flexp.algorithm import Algorithm
+    from flexp.fedavg import ServerStepFailed
+
+    class Broken(Algorithm):
+        def aggregate(self, round_, params, replies):
+            raise ValueError("my aggregate\nis wrong")
+
+    with pytest.raises(ServerStepFailed, match=r"^round 1: Broken.aggregate raised ValueError: my aggregate is wrong$"):
+        _run("drop", strategy=Broken())

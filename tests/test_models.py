@@ -48,7 +48,8 @@ def test_target_without_shape_parameters_is_called_with_its_own_arguments_only()
 @pytest.mark.parametrize("node, match", [
     ({"name": "2nn", "hiden": 3}, "model.hiden: unknown key"),
     ({"_target_": "no_such_module.Net"}, "model._target_='no_such_module.Net': cannot be imported"),
-    ({"_target_": "torch.nn.Linear", "wdth": 3}, "model._target_='torch.nn.Linear': failed to build"),
+    ({"_target_": "torch.nn.Linear", "in_features": 5, "out_features": 3, "wdth": 3}, "model.wdth: unknown key"),
+    ({"_target_": "torch.nn.Linear", "in_features": 5}, "model.out_features: is missing"),
     ({"_target_": "math.sqrt"}, "model._target_='math.sqrt': failed to build"),
     ({"_target_": "builtins.dict"}, "returned dict, not a torch.nn.Module"),
     ({}, "model._target_: is missing"),
