@@ -12,8 +12,10 @@ import pytest
 from flexp.strategy.fedavg import FedAvg
 
 ROOT = Path(__file__).resolve().parent.parent
+# Logging the final model costs ~4.5 s a run (MLflow infers its pip requirements): on only where a test loads it.
 SMALL = ["dataset=synthetic", "dataset.users=10", "dataset.samples_per_user=60", "model=logreg",
-         "fl.clients=10", "fl.local_epochs=1", "fl.batch_size=10", "fl.lr=0.1", "fl.rounds=3"]
+         "fl.clients=10", "fl.local_epochs=1", "fl.batch_size=10", "fl.lr=0.1", "fl.rounds=3",
+         "tracking.log_model=false"]
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:

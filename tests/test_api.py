@@ -58,7 +58,8 @@ def test_a_model_class_defined_in_the_caller_trains_as_an_instance_and_as_a_call
 def test_tracked_run_logs_a_notebook_model_or_warns_that_it_cannot(tmp_path):
     import mlflow
 
-    cfg = flexp.compose([*SMALL, "fl.rounds=1", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"])
+    cfg = flexp.compose([*SMALL, "fl.rounds=1", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
+                         "tracking.log_model=true"])
     mlp = local_mlp_class()
     result = flexp.run(cfg, model=mlp, tracking=True)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'm.db'}")

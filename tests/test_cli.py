@@ -18,9 +18,10 @@ def _only_run(cwd, experiment="flexp"):
     return client, runs
 
 
-def test_federated_run_logs_params_history_and_a_loadable_model(store):
-    proc = run_cli([*SMALL, "fl.rounds=4", "model=2nn"], store)
+def test_federated_run_logs_params_history_progress_the_target_and_a_loadable_model(store):
+    proc = run_cli([*SMALL, "fl.rounds=4", "model=2nn", "fl.target_accuracy=0.05", "tracking.log_model=true"], store)
     assert proc.returncode == 0, proc.stderr
+    assert "round 4/4" in proc.stdout and "test_acc" in proc.stdout
     client, runs = _only_run(store)
     assert len(runs) == 1
     run = runs[0]
@@ -33,6 +34,7 @@ def test_federated_run_logs_params_history_and_a_loadable_model(store):
         assert len(client.get_metric_history(run.info.run_id, key)) == 4, key
     metrics = run.data.metrics
     assert metrics["final_test_accuracy"] == history[-1].value
+    assert metrics["rounds_to_target"] == 1
     assert metrics["best_test_accuracy"] == max(m.value for m in history)
     assert metrics["bytes_up"] == 1 * 4 * (60 * 200 + 200 + 200 * 200 + 200 + 200 * 10 + 10)
     config_path = client.download_artifacts(run.info.run_id, "config.yaml", str(store))
@@ -45,16 +47,9 @@ def test_federated_run_logs_params_history_and_a_loadable_model(store):
     assert (store / "outputs").is_dir()
 
 
-def test_target_metric_and_progress_lines(store):
-    proc = run_cli([*SMALL, "fl.rounds=5", "fl.target_accuracy=0.05"], store)
-    assert proc.returncode == 0, proc.stderr
-    assert "round 5/5" in proc.stdout and "test_acc" in proc.stdout
-    _, runs = _only_run(store)
-    assert runs[0].data.metrics["rounds_to_target"] == 1
-
-
 def test_baseline_mode_logs_per_epoch_metrics_and_model(store):
-    proc = run_cli([*SMALL, "mode=baseline", "baseline.epochs=3", "baseline.batch_size=20"], store)
+    proc = run_cli([*SMALL, "mode=baseline", "baseline.epochs=3", "baseline.batch_size=20", "tracking.log_model=true"],
+                   store)
     assert proc.returncode == 0, proc.stderr
     client, runs = _only_run(store)
     run = runs[0]

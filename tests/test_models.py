@@ -65,18 +65,14 @@ def parse_model(node):
     return _model({"model": node})
 
 
-def test_cli_custom_model_from_a_user_package_and_from_a_user_config_dir(tmp_path):
+def test_cli_custom_model_from_a_user_package(tmp_path):
+    """(A group option in a user config dir is run by tests/test_package.py.)"""
     (tmp_path / "userpkg.py").write_text(
         "from torch import nn\n"
         "def net(input_shape, num_classes, width):\n"
         "    return nn.Sequential(nn.Linear(input_shape[0], width), nn.ReLU(), nn.Linear(width, num_classes))\n")
-    (tmp_path / "conf" / "model").mkdir(parents=True)
-    (tmp_path / "conf" / "model" / "mine.yaml").write_text("_target_: userpkg.net\nwidth: 5\n")
     small = [a for a in SMALL if a not in ("fl.rounds=3", "model=logreg")] + ["fl.rounds=1", "tracking.log_model=false"]
-    for args in (["model=custom", "model._target_=userpkg.net", "model.width=7"],
-                 ["--config-dir", str(tmp_path / "conf"), "model=mine"]):
-        proc = run_cli([*args[:-1], *small, args[-1]], tmp_path)
-        assert proc.returncode == 0, proc.stderr
-        width = 7 if "model=custom" in args else 5
-        expected = 60 * width + width + width * 10 + 10  # synthetic: 60 features, 10 classes
-        assert f"{expected} parameters" in proc.stderr + proc.stdout
+    proc = run_cli(["model=custom", "model._target_=userpkg.net", *small, "model.width=7"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    expected = 60 * 7 + 7 + 7 * 10 + 10  # synthetic: 60 features, 10 classes
+    assert f"{expected} parameters" in proc.stderr + proc.stdout

@@ -35,13 +35,22 @@ def _make(data):
     return partial(build_model, "2nn", data.input_shape, data.num_classes, 32)
 
 
-def test_ray_tasks_equal_the_thread_engine_bit_for_bit():
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray instance for the module (RayEngine leaves an instance it did not start running)."""
+    ray = import_ray()
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_tasks_equal_the_thread_engine_bit_for_bit(local_ray):
     threads = _run(lambda data, spec: ThreadEngine(_make(data), data.train, spec, workers=2))
     ray = _run(lambda data, spec: RayEngine(_make(data), data.train, spec, "local", num_cpus=1))
     assert torch.equal(ray, threads)
 
 
-def test_a_user_algorithm_with_per_client_state_on_ray_equals_threads_bit_for_bit():
+def test_a_user_algorithm_with_per_client_state_on_ray_equals_threads_bit_for_bit(local_ray):
     import user_algorithm
 
     import_ray().cloudpickle.register_pickle_by_value(user_algorithm)  # tests/ is not on the workers' path

@@ -47,7 +47,8 @@ def test_a_job_logs_to_a_tracking_server_and_its_model_loads_through_it(server, 
 
     work = tmp_path / "job"
     work.mkdir()
-    proc = run_cli([*SMALL, "model=2nn", "model.hidden=16", f"tracking.uri={server}", "tracking.experiment=shared"],
+    proc = run_cli([*SMALL, "model=2nn", "model.hidden=16", f"tracking.uri={server}", "tracking.experiment=shared",
+                    "tracking.log_model=true"],
                    work)
     assert proc.returncode == 0, proc.stderr
     assert not (work / "mlflow.db").exists() and not (work / "mlruns").exists()
