@@ -93,6 +93,14 @@ def unflatten(flat: Tensor, like: Params) -> Params:
     return {name: part.view(p.shape) for (name, p), part in zip(like.items(), parts)}
 
 
+def client_tensors(state: Mapping[str, Any], key: str, owner: str, num_clients: int) -> dict[int, Tensor]:
+    """A loaded per-client store (`state[key]`: {client id: tensor}, ids 0..num_clients-1); else ValueError."""
+    store = state.get(key, {})
+    if not isinstance(store, Mapping) or not all(type(k) is int and 0 <= k < num_clients for k in store):
+        raise ValueError(f"{owner} state {key} must map client ids 0..{num_clients - 1} to tensors")
+    return tensors(store, f"{owner} {key}", list(store))
+
+
 def tensors(state: Mapping[str, Any], owner: str, keys: Sequence[str]) -> dict[str, Tensor]:
     """The tensors in a loaded state_dict, each of `keys` optional; anything else is refused (ValueError)."""
     unknown = sorted(str(k) for k in state if k not in keys)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from flexp.aggregate import weighted_average
-from flexp.algorithm import Algorithm, Params, tensors, unflatten
+from flexp.algorithm import Algorithm, Params, client_tensors, tensors, unflatten
 from flexp.client import ClientResult
 
 
@@ -67,8 +67,5 @@ class FedDyn(Algorithm):
         return {"grad": dict(self.grad)} | ({} if self.h is None else {"h": self.h})
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        grads = state.get("grad", {})
-        if not isinstance(grads, Mapping) or not all(type(k) is int and 0 <= k < self.num_clients for k in grads):
-            raise ValueError(f"feddyn state grad must map client ids 0..{self.num_clients - 1} to tensors")
+        self.grad = client_tensors(state, "grad", "feddyn", self.num_clients)
         self.h = tensors({k: v for k, v in state.items() if k != "grad"}, "feddyn", ("h",)).get("h")
-        self.grad = tensors(grads, "feddyn grad", list(grads))

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from flexp.aggregate import weighted_average
-from flexp.algorithm import Algorithm, Params, tensors, unflatten
+from flexp.algorithm import Algorithm, Params, client_tensors, tensors, unflatten
 from flexp.client import ClientResult
 
 
@@ -78,8 +78,5 @@ class Scaffold(Algorithm):
         return {"c_i": dict(self.c_i)} | ({} if self.c is None else {"c": self.c})
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        controls = state.get("c_i", {})
-        if not isinstance(controls, Mapping) or not all(type(k) is int and 0 <= k < self.num_clients for k in controls):
-            raise ValueError(f"scaffold state c_i must map client ids 0..{self.num_clients - 1} to tensors")
+        self.c_i = client_tensors(state, "c_i", "scaffold", self.num_clients)
         self.c = tensors({k: v for k, v in state.items() if k != "c_i"}, "scaffold", ("c",)).get("c")
-        self.c_i = tensors(controls, "scaffold c_i", list(controls))
