@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -121,9 +122,11 @@ def main(cfg: DictConfig) -> float | None:
     from flexp.data.mnist import DataSourceError
     from flexp.fedavg import AllClientsFailed, ClientFailure, Diverged, ServerStepFailed
     from flexp.job import execute
+    from flexp.tracking import rival_lookup
 
     try:
-        result = execute(config, tracker, sweep_tags(), OmegaConf.to_yaml(cfg), output_dir, resume)
+        result = execute(config, tracker, sweep_tags(), OmegaConf.to_yaml(cfg), output_dir, resume,
+                         rivals=partial(rival_lookup, config.tracking))
     except (ConfigError, TrackingError) as err:
         fail(str(err))
     except Diverged as err:

@@ -13,6 +13,7 @@ import logging
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -167,15 +168,16 @@ def run(cfg: DictConfig | Mapping[str, Any] | ExperimentConfig, *, tracking: boo
     if model is not None:
         config = with_model(config, model)
     ready = prepare(config)
-    inner = None
+    inner = rivals = None
     if tracking:
-        from flexp.tracking import MlflowTracker, quiet_mlflow
+        from flexp.tracking import MlflowTracker, quiet_mlflow, rival_lookup
 
         quiet_mlflow()
         inner = MlflowTracker(config.tracking)
+        rivals = partial(rival_lookup, config.tracking)
     tracker = InProcessTracker(inner)
     text = OmegaConf.to_yaml(cfg) if isinstance(cfg, DictConfig) else OmegaConf.to_yaml(dict(config.raw))
-    result = execute(config, tracker, {"flexp.overrides": "(python API)"}, text, ready=ready)
+    result = execute(config, tracker, {"flexp.overrides": "(python API)"}, text, ready=ready, rivals=rivals)
     final = load_flat(new_model(config, ready.data).to(ready.device), result.params, result.state)
     return Result(result.history, final, result.params, result.summary(), tracker.metrics, ready.data,
                   tracker.run_id)

@@ -42,6 +42,7 @@ class FLConfig:
     eval_every: int
     target_accuracy: float | None
     stop_at_target: bool
+    prune: bool = False  # in a learning-rate grid: stop once another rate of the setting reached the target sooner
 
     @property
     def clients_per_round(self) -> int:
@@ -281,7 +282,7 @@ class _Section:
 
 def _fl(tree: Mapping[str, Any]) -> FLConfig:
     s = _Section(tree, "fl")
-    return FLConfig(
+    fl = FLConfig(
         clients=s.integer("clients", low=1),
         fraction=s.number("fraction", low=0.0, high=1.0),
         local_epochs=s.integer("local_epochs", low=1),
@@ -291,7 +292,11 @@ def _fl(tree: Mapping[str, Any]) -> FLConfig:
         eval_every=s.integer("eval_every", low=1),
         target_accuracy=s.number("target_accuracy", low=0.0, high=1.0, optional=True, default=None),
         stop_at_target=s.flag("stop_at_target", default=False),
+        prune=s.flag("prune", default=False),
     )
+    if fl.prune and fl.target_accuracy is None:
+        raise ConfigError("fl.prune", True, "needs fl.target_accuracy: runs are pruned by their rounds to the target")
+    return fl
 
 
 def _baseline(tree: Mapping[str, Any]) -> BaselineConfig:

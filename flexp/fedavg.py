@@ -21,7 +21,7 @@ from flexp.client import ClientResult, ClientTask
 from flexp.config import ClientsConfig, DataConfig, FLConfig
 from flexp.data import Split
 from flexp.flat import flat_parameters, load_flat, model_state
-from flexp.metrics import evaluate, rounds_to_target
+from flexp.metrics import evaluate, interpolated_rounds_to_target, rounds_to_target
 
 log = logging.getLogger("flexp")
 FAILED_ROUNDS = 3  # a run whose first rounds all fail entirely stops after this many
@@ -74,12 +74,14 @@ class TrainingResult:
     history: list[RoundRecord] = field(default_factory=list)
     target: float | None = None
     state: dict[str, torch.Tensor] = field(default_factory=dict)  # buffers and frozen parameters (flat.model_state)
+    stopped: str | None = None  # why the run ended before fl.rounds without reaching the target (run_fedavg's stop)
 
     def accuracies(self) -> list[tuple[int, float]]:
         return [(r.round, r.test_accuracy) for r in self.history if r.test_accuracy is not None]
 
     def summary(self) -> dict[str, float]:
-        """best/final accuracy, rounds_to_target (when reached) and total seconds."""
+        """best/final accuracy, rounds_to_target (first round, and the paper's interpolated one, when reached), total
+        seconds, and the round a stop rule ended the run after (stopped_at_round)."""
         accs = self.accuracies()
         out: dict[str, float] = {"total_seconds": sum(r.round_seconds for r in self.history)}
         if accs:
@@ -87,6 +89,9 @@ class TrainingResult:
             out["final_test_accuracy"] = accs[-1][1]
         if self.target is not None and (reached := rounds_to_target(accs, self.target)) is not None:
             out["rounds_to_target"] = reached
+            out["rounds_to_target_interp"] = interpolated_rounds_to_target(accs, self.target)
+        if self.stopped is not None and self.history:
+            out["stopped_at_round"] = self.history[-1].round
         return out
 
 
@@ -231,9 +236,11 @@ def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split,
                strategy: Algorithm | None = None, conditions: Conditions | None = None,
                resume: ServerState | None = None,
                on_state: Callable[[ServerState], None] = lambda s: None,
-               evaluation: Evaluation | None = None) -> TrainingResult:
+               evaluation: Evaluation | None = None,
+               stop: Callable[[Sequence[RoundRecord]], str | None] = lambda h: None) -> TrainingResult:
     """Run FedAvg (or another algorithm, `strategy`) from `model`'s weights, or from `resume`; `model` ends holding
-    the final weights. `on_state` sees the server after each round, before `on_round` (checkpoint, then log). Raises
+    the final weights. `on_state` sees the server after each round, before `on_round` (checkpoint, then log);
+    `stop(history)` returning a reason ends the run early (result.stopped, e.g. a pruned learning rate). Raises
     Diverged on a non-finite test loss, AllClientsFailed once every client failed in each of the first rounds."""
     cond = conditions or Conditions()
     scoring = evaluation or Evaluation()
@@ -246,6 +253,10 @@ def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split,
     first_error = ""
     for round_ in range(state.round + 1, fl.rounds + 1):
         if reached_target(fl, result.history):
+            break
+        if (why := stop(result.history)) is not None:
+            log.info("%s", why)
+            result.stopped = why
             break
         start = time.perf_counter()
         chosen = sample_clients(len(partition), fl.clients_per_round, seed, round_)

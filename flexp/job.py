@@ -26,6 +26,7 @@ from flexp.flat import load_flat
 from flexp.models import ModelFactory, count_parameters
 from flexp.objective import build_loss, build_metrics
 from flexp.progress import Progress
+from flexp.prune import CELL_TAG, Pruner, Rival, cell_id, stop_rule
 from flexp.strategy import make_algorithm
 from flexp.tracking import flatten
 
@@ -117,8 +118,9 @@ def new_model(cfg: ExperimentConfig, data: Dataset) -> nn.Module:
 
 def train(cfg: ExperimentConfig, ready: Prepared, on_record: Callable[[RoundRecord], None],
           resume: ServerState | None = None,
-          on_state: Callable[[ServerState], None] = lambda s: None) -> TrainingResult:
-    """Run FedAvg or the baseline on prepared inputs (FedAvg from `resume` when given)."""
+          on_state: Callable[[ServerState], None] = lambda s: None,
+          stop: Callable[[Sequence[RoundRecord]], str | None] = lambda h: None) -> TrainingResult:
+    """Run FedAvg or the baseline on prepared inputs (FedAvg from `resume` when given, until `stop` says why)."""
     if cfg.mode == "baseline":
         return run_baseline(ready.model, ready.data.train, ready.data.test, cfg.baseline, cfg.seed,
                             cfg.fl.target_accuracy, on_record)
@@ -134,7 +136,7 @@ def train(cfg: ExperimentConfig, ready: Prepared, on_record: Callable[[RoundReco
             resume = replace(resume, strategy=algorithm)
         conditions = Conditions(cfg.clients, cfg.data, cfg.engine.on_client_error)
         return run_fedavg(ready.model, ready.partition, ready.data.test, cfg.fl, engine, cfg.seed, on_record,
-                          algorithm, conditions, resume, on_state, evaluation)
+                          algorithm, conditions, resume, on_state, evaluation, stop)
     finally:
         engine.close()
 
@@ -151,6 +153,16 @@ def checkpointer(cfg: ExperimentConfig, directory: Path | None, run_id: str) -> 
 
 
 OnState = Callable[[ServerState], None]
+Rivals = Callable[[str], Callable[[], Rival | None]]  # setting id -> its best finished run's lookup (fl.prune)
+
+
+def pruning(cfg: ExperimentConfig, cell: str, rivals: Rivals | None) -> Callable[[Sequence[RoundRecord]], str | None]:
+    """The run's stop rule: fl.prune's, asking `rivals` about the setting `cell`; never stop when it is off."""
+    if not cfg.fl.prune or cfg.mode != "federated":
+        return lambda history: None
+    if rivals is None:
+        raise ConfigError("fl.prune", True, "needs a tracking store to find the other rates' runs (tracking=True)")
+    return stop_rule(Pruner(rivals(cell)), cfg.fl.target_accuracy)
 
 
 def with_callbacks(ready: Prepared, on_state: OnState) -> tuple[OnState, dict[int, dict[str, float]]]:
@@ -172,17 +184,20 @@ def with_callbacks(ready: Prepared, on_state: OnState) -> tuple[OnState, dict[in
 
 def execute(cfg: ExperimentConfig, tracker: Tracker, tags: Mapping[str, str], config_yaml: str,
             output_dir: Path | None = None, resume: checkpoint.Checkpoint | None = None,
-            ready: Prepared | None = None) -> TrainingResult:
+            ready: Prepared | None = None, rivals: Rivals | None = None) -> TrainingResult:
     """Prepare (unless `ready` is given), then train inside one tracked run that always ends FINISHED, FAILED or
     KILLED.
 
     With `resume`, the checkpoint's MLflow run is reopened, rounds it lacks are logged from the checkpoint, and
-    training goes on from the checkpoint's round.
+    training goes on from the checkpoint's round. Every run is tagged with its setting's id (prune.cell_id); with
+    fl.prune, `rivals` finds the best finished run of that setting.
     """
     ready = ready or prepare(cfg)
+    cell = cell_id(flatten(cfg.raw))
+    stop = pruning(cfg, cell, rivals)
     unit = "epoch" if cfg.mode == "baseline" else "round"
     total = cfg.baseline.epochs if cfg.mode == "baseline" else cfg.fl.rounds
-    tags = {**tags, "flexp.mode": cfg.mode, "flexp.output_dir": str(output_dir or "")}
+    tags = {**tags, "flexp.mode": cfg.mode, "flexp.output_dir": str(output_dir or ""), CELL_TAG: cell}
     run_id = tracker.start(run_name(cfg), tags, run_id=resume.run_id if resume else None)
     log.info("run %s: %s, %d parameters, %d %ss", run_id, run_name(cfg), count_parameters(ready.model), total, unit)
     progress = Progress(total, unit)
@@ -206,7 +221,7 @@ def execute(cfg: ExperimentConfig, tracker: Tracker, tags: Mapping[str, str], co
             progress.update(record)
 
         state = resume.state if resume else None
-        result = train(cfg, ready, on_record, state, on_state)
+        result = train(cfg, ready, on_record, state, on_state, stop)
         progress.close()
         summary = result.summary()
         trained = resume is None or len(result.history) > len(resume.state.history)

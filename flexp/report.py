@@ -142,6 +142,7 @@ def build_table(runs: pd.DataFrame,
     stats = summarise(accs, target)
     for column in ("best_accuracy", "final_accuracy", "rounds", "rounds_to_target", "rounds_to_target_interp"):
         frame[column] = [stats[r][column] for r in frame["run_id"]]
+    frame["stopped"] = stopped(runs)
     frame = with_paper(frame, target, runs.get("params.report.table", pd.Series([None])).iloc[0])
     reference = {k[len("params.report.reference."):]: runs[k].dropna().iloc[0]
                  for k in runs.columns if k.startswith("params.report.reference.") and runs[k].notna().any()}
@@ -150,6 +151,14 @@ def build_table(runs: pd.DataFrame,
     if order:
         frame = frame.sort_values(order, kind="stable").reset_index(drop=True)
     return frame, varying, reference
+
+
+def stopped(runs: pd.DataFrame) -> list[str]:
+    """Per run, why it ended short of its budget without the target: 'pruned' (fl.prune), 'diverged' (a FAILED run of
+    a sweep), else ''."""
+    pruned = runs.get("metrics.stopped_at_round", pd.Series(float("nan"), index=runs.index))
+    status = runs.get("status", pd.Series("", index=runs.index))
+    return ["pruned" if pd.notna(p) else "diverged" if s == "FAILED" else "" for p, s in zip(pruned, status)]
 
 
 def implied(frame: pd.DataFrame, key: str, by: list[str]) -> bool:
@@ -412,7 +421,9 @@ def tables(frame: pd.DataFrame, varying: list[str], reference: Mapping[str, obje
             text += "\nBest rate at an edge of the grid (widen it there): " + "; ".join(
                 label(r, cells) for r in edges.to_dict("records")) + "\n"
         text += (f"\nEvery learning rate tried (rounds to {percent(target) if target else 'target'}; "
-                 f"bold: chosen):\n\n{rates_table(in_paper_order(frame, cells), cells, shown_value)}\nAll runs:\n\n"
+                 f"bold: chosen; >N: pruned after N rounds, once another rate had reached the target in fewer "
+                 f"(fl.prune); ×: diverged; -: not reached in the budget):\n\n"
+                 f"{rates_table(in_paper_order(frame, cells), cells, shown_value)}\nAll runs:\n\n"
                  f"{markdown(frame, varying, target)}")
         return text, best, [*cells, LR]
     layout = paper_layout(with_ratio(frame), varying, reference)

@@ -48,9 +48,15 @@ def best_rates(frame: pd.DataFrame, cells: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def unreached(run: pd.Series) -> str:
+    """A rate that did not reach the target: '>N' pruned after N rounds, '×' diverged, '-' not in its budget."""
+    why = run.get("stopped", "")
+    return f">{int(run['rounds'])}" if why == "pruned" else "×" if why == "diverged" else "-"
+
+
 def rates_table(frame: pd.DataFrame, cells: list[str], fmt: Callable[[str, object], str] = lambda k, v: str(v)) -> str:
-    """Markdown: one row per cell, one column per learning rate tried, rounds to target ('-' never), the chosen
-    rate's entry in bold. `fmt(key, value)` shows a cell key's value."""
+    """Markdown: one row per cell, one column per learning rate tried, rounds to target (or `unreached`'s mark),
+    the chosen rate's entry in bold. `fmt(key, value)` shows a cell key's value."""
     best = set(best_rates(frame, cells)["run_id"])
     lrs = sorted({rate(v) for v in frame[LR]})
     head = "| " + " | ".join([*cells, *(f"η={lr:g}" for lr in lrs)]) + " |\n|" + "---|" * (len(cells) + len(lrs))
@@ -66,7 +72,7 @@ def rates_table(frame: pd.DataFrame, cells: list[str], fmt: Callable[[str, objec
                 continue
             run = match.iloc[0]
             r = run["rounds_to_target_interp"]
-            text = "-" if pd.isna(r) else f"{r:.1f}"
+            text = f"{r:.1f}" if pd.notna(r) else unreached(run)
             entries.append(f"**{text}**" if run["run_id"] in best and pd.notna(r) else text)
         lines.append("| " + " | ".join([*(fmt(k, v) for k, v in zip(cells, key)), *entries]) + " |\n")
     return "".join(lines)

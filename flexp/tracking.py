@@ -189,3 +189,25 @@ class MlflowTracker:
         if self.run_id is not None:
             retrying(mlflow.end_run)(status=status)
             self.run_id = None
+
+
+def rival_lookup(cfg: TrackingConfig, cell: str) -> Callable[[], Any]:
+    """A function returning the best FINISHED run of setting `cell` in cfg.experiment that reached the target (its
+    interpolated rounds and rate, as a prune.Rival), or None; for fl.prune."""
+    from flexp.prune import CELL_TAG, Rival
+
+    state: dict[str, Any] = {}
+
+    def best() -> Rival | None:
+        if "client" not in state:
+            state["client"], state["experiment"] = open_experiment(cfg.uri, cfg.experiment)
+        runs = retrying(state["client"].search_runs)(
+            [state["experiment"]], max_results=1, order_by=["metrics.rounds_to_target_interp ASC"],
+            filter_string=(f"tags.`{CELL_TAG}` = '{cell}' and attributes.status = 'FINISHED' "
+                           "and metrics.rounds_to_target_interp > 0"))
+        if not runs:
+            return None
+        run = runs[0]
+        return Rival(float(run.data.metrics["rounds_to_target_interp"]), float(run.data.params["fl.lr"]))
+
+    return best
