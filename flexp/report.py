@@ -155,10 +155,11 @@ def build_table(runs: pd.DataFrame,
 
 def stopped(runs: pd.DataFrame) -> list[str]:
     """Per run, why it ended short of its budget without the target: 'pruned' (fl.prune), 'diverged' (a FAILED run of
-    a sweep), else ''."""
+    a sweep), 'running' or 'killed' (not ended yet, or its process died: resume it), else ''."""
     pruned = runs.get("metrics.stopped_at_round", pd.Series(float("nan"), index=runs.index))
     status = runs.get("status", pd.Series("", index=runs.index))
-    return ["pruned" if pd.notna(p) else "diverged" if s == "FAILED" else "" for p, s in zip(pruned, status)]
+    unfinished = {"FAILED": "diverged", "RUNNING": "running", "SCHEDULED": "running", "KILLED": "killed"}
+    return ["pruned" if pd.notna(p) else unfinished.get(s, "") for p, s in zip(pruned, status)]
 
 
 def implied(frame: pd.DataFrame, key: str, by: list[str]) -> bool:
@@ -422,7 +423,8 @@ def tables(frame: pd.DataFrame, varying: list[str], reference: Mapping[str, obje
                 label(r, cells) for r in edges.to_dict("records")) + "\n"
         text += (f"\nEvery learning rate tried (rounds to {percent(target) if target else 'target'}; "
                  f"bold: chosen; >N: pruned after N rounds, once another rate had reached the target in fewer "
-                 f"(fl.prune); ×: diverged; -: not reached in the budget):\n\n"
+                 f"(fl.prune); ×: diverged; …N: running (or its process died) after N rounds; -: not reached in the "
+                 f"budget):\n\n"
                  f"{rates_table(in_paper_order(frame, cells), cells, shown_value)}\nAll runs:\n\n"
                  f"{markdown(frame, varying, target)}")
         return text, best, [*cells, LR]

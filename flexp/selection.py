@@ -48,9 +48,21 @@ def best_rates(frame: pd.DataFrame, cells: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def settled(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs of one rate, the one that says most first: reached, then ended (pruned, diverged, budget), then running;
+    a block run again after a crash leaves both its dead and its new runs in the store."""
+    reached = pd.to_numeric(runs["rounds_to_target_interp"]).notna()
+    ended = ~runs.get("stopped", pd.Series("", index=runs.index)).isin(["running", "killed"])
+    rank = (~reached).astype(int) * 2 + (~ended).astype(int)
+    return runs.assign(_rank=rank.values).sort_values("_rank", kind="stable").drop(columns="_rank")
+
+
 def unreached(run: pd.Series) -> str:
-    """A rate that did not reach the target: '>N' pruned after N rounds, '×' diverged, '-' not in its budget."""
+    """A rate that did not reach the target: '>N' pruned after N rounds, '×' diverged, '…N' running (or its process
+    died: resume it) after N rounds, '-' not in its budget."""
     why = run.get("stopped", "")
+    if why in ("running", "killed"):
+        return f"…{int(run['rounds'])}"
     return f">{int(run['rounds'])}" if why == "pruned" else "×" if why == "diverged" else "-"
 
 
@@ -70,7 +82,7 @@ def rates_table(frame: pd.DataFrame, cells: list[str], fmt: Callable[[str, objec
             if not len(match):
                 entries.append("")
                 continue
-            run = match.iloc[0]
+            run = settled(match).iloc[0]
             r = run["rounds_to_target_interp"]
             text = f"{r:.1f}" if pd.notna(r) else unreached(run)
             entries.append(f"**{text}**" if run["run_id"] in best and pd.notna(r) else text)

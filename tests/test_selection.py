@@ -39,6 +39,16 @@ def test_a_cell_no_rate_reached_keeps_its_most_accurate_run_and_shows_a_dash():
     assert lines[2:] == ["| 0.1 | - | - |", "| 0.5 | - | **80.0** |"]
 
 
+def test_the_rates_table_marks_pruned_diverged_and_unfinished_rates_and_prefers_a_rerun_that_ended():
+    frame = runs([{"lr": "0.1", "rounds": 40.0}, {"lr": "0.215", "rounds": None}, {"lr": "0.464", "rounds": None},
+                  {"lr": "0.0464", "rounds": None}, {"lr": "0.0215", "rounds": None}, {"lr": "0.0215", "rounds": None}])
+    frame = frame.assign(rounds=[40, 41, 12, 700, 30, 41],
+                         stopped=["", "pruned", "diverged", "running", "killed", "pruned"])
+    lines = rates_table(frame, ["fl.fraction"]).splitlines()
+    assert lines[0] == "| fl.fraction | η=0.0215 | η=0.0464 | η=0.1 | η=0.215 | η=0.464 |"
+    assert lines[2] == "| 0.1 | >41 | …700 | **40.0** | >41 | × |"   # the killed run of 0.0215 gives way to its rerun
+
+
 C, BLOCKS = ("0.0", "0.1"), [("iid", "0"), ("iid", "10"), ("shards", "0"), ("shards", "10")]
 
 
