@@ -327,7 +327,8 @@ def plot(frame: pd.DataFrame, varying: list[str], accs: Mapping, traffic: Mappin
         for run_id, history in baseline.items():
             ax.axhline(max(a for _, a in history), color="black", linestyle=":", label=f"baseline best ({run_id[:6]})")
         ax.set_xlabel(xlabel)
-        if "bytes" in name:
+        lengths = [accs[r][-1][0] for r in frame["run_id"] if accs[r]]
+        if "bytes" in name or (lengths and max(lengths) > 10 * max(min(lengths), 1)):   # Table 1: 25 to 4,000 rounds
             ax.set_xscale("log")
         paths.append(save(fig, ax, name, f"test accuracy against {xlabel.split(' (')[0]}"))
     if baseline:
