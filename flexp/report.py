@@ -9,6 +9,7 @@ baseline.png]} and logs them as artifacts of each sweep's parent run.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -297,40 +298,68 @@ def layout_cell(r: Mapping[str, object]) -> str:
     return text
 
 
+BLOCK_KEYS = ("partition.name", "fl.batch_size")   # the paper's Table 1 columns
+
+
+def blocks(frame: pd.DataFrame, varying: list[str]) -> list[tuple[str, pd.DataFrame, list[str]]]:
+    """(title, runs, legend keys) per panel: one per partition x B block when several are shown (Table 1's columns,
+    in its order), else one panel of every run."""
+    keys = [k for k in BLOCK_KEYS if k in varying]
+    combos = sorted(dict.fromkeys(frame[keys].itertuples(index=False, name=None)),
+                    key=lambda c: [column_order(k, v) for k, v in zip(keys, c)]) if keys else []
+    if len(combos) < 2:
+        return [("", frame, varying)]
+    rest = [k for k in varying if k not in keys]
+    return [(column_title(keys, c), frame[(frame[keys] == list(c)).all(axis=1)], rest) for c in combos]
+
+
 def plot(frame: pd.DataFrame, varying: list[str], accs: Mapping, traffic: Mapping, baseline: Mapping,
          out: Path, title: str, target: float | None) -> list[Path]:
     """accuracy vs round, accuracy vs cumulative bytes, and FL against the centralized baseline if there is one;
-    each titled, with a dashed line at the target and the legend outside the axes."""
+    each titled, with a dashed line at the target and the legend outside the axes; one panel per partition x B
+    block when there are several (Table 1)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def save(fig: object, ax: object, name: str, what: str) -> Path:
+    def decorate(ax: object, panel: str, outside: bool) -> None:
         if target is not None:
             ax.axhline(target, color="gray", linestyle="--", linewidth=1, label=f"target {percent(target)}")
-        ax.set_title(f"{title}: {what}", fontsize=9)
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+        if panel:
+            ax.set_title(panel, fontsize=9)
+        where = dict(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0) if outside else dict(loc="lower right")
+        ax.legend(fontsize=7, **where)
+
+    def save(fig: object, name: str, what: str) -> Path:
+        fig.suptitle(f"{title}: {what}", fontsize=10)
         fig.savefig(out / name, dpi=110, bbox_inches="tight")
         plt.close(fig)
         return out / name
 
+    panels = blocks(frame, varying)
+    rows, cols = math.ceil(len(panels) / 2), min(len(panels), 2)
     paths = []
     for name, xlabel, xs_of in (("accuracy.png", "round", lambda r: [s for s, _ in accs[r]]),
                                 ("accuracy_vs_bytes.png", "bytes communicated (up + down, cumulative)",
                                  lambda r: cumulative_bytes(traffic[r], [s for s, _ in accs[r]]))):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for row in frame.to_dict("records"):
-            ax.plot(xs_of(row["run_id"]), [a for _, a in accs[row["run_id"]]], label=label(row, varying))
-        for run_id, history in baseline.items():
-            ax.axhline(max(a for _, a in history), color="black", linestyle=":", label=f"baseline best ({run_id[:6]})")
-        ax.set_xlabel(xlabel)
-        lengths = [accs[r][-1][0] for r in frame["run_id"] if accs[r]]
-        if "bytes" in name or (lengths and max(lengths) > 10 * max(min(lengths), 1)):   # Table 1: 25 to 4,000 rounds
-            ax.set_xscale("log")
-        paths.append(save(fig, ax, name, f"test accuracy against {xlabel.split(' (')[0]}"))
+        fig, axes = plt.subplots(rows, cols, figsize=(7 * cols if cols > 1 else 7, 4.5 * rows), squeeze=False)
+        for ax, (panel, runs, keys) in zip(axes.flat, panels):
+            for row in runs.to_dict("records"):
+                ax.plot(xs_of(row["run_id"]), [a for _, a in accs[row["run_id"]]], label=label(row, keys))
+            for run_id, history in baseline.items():
+                ax.axhline(max(a for _, a in history), color="black", linestyle=":",
+                           label=f"baseline best ({run_id[:6]})")
+            ax.set_xlabel(xlabel)
+            lengths = [accs[r][-1][0] for r in runs["run_id"] if accs[r]]
+            if "bytes" in name or (lengths and max(lengths) > 10 * max(min(lengths), 1)):   # 25 to 4,000 rounds
+                ax.set_xscale("log")
+            decorate(ax, panel, outside=len(panels) == 1)
+        for ax in list(axes.flat)[len(panels):]:
+            ax.set_visible(False)
+        paths.append(save(fig, name, f"test accuracy against {xlabel.split(' (')[0]}"))
     if baseline:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for row in frame.to_dict("records"):
@@ -339,7 +368,8 @@ def plot(frame: pd.DataFrame, varying: list[str], accs: Mapping, traffic: Mappin
         for run_id, history in baseline.items():
             ax.plot([s for s, _ in history], [a for _, a in history], "k:", label=f"centralized ({run_id[:6]})")
         ax.set_xlabel("round (FedAvg) / epoch (centralized)")
-        paths.append(save(fig, ax, "baseline.png", "FedAvg against centralized training"))
+        decorate(ax, "", outside=True)
+        paths.append(save(fig, "baseline.png", "FedAvg against centralized training"))
     return paths
 
 
