@@ -438,12 +438,13 @@ def tables(frame: pd.DataFrame, varying: list[str], reference: Mapping[str, obje
     """The report's Markdown; the rows it plots (the best rate per setting on a learning-rate grid, else every
     run) and the keys that label them."""
     reached = f"Rounds to {percent(target)}" if target else "Rounds to target"
-    against = f"speedup against {', '.join(f'{k} = {v}' for k, v in reference.items())} in the same column"
+    against = (f"speedup against {', '.join(f'{k} = {v}' for k, v in reference.items())} in the same column"
+               if reference else "no speedups (the sweep names no report.reference row)")
     cells = sorted(cell_keys(varying), key=paper_rank)
     if is_lr_grid(frame, cells):
         best = with_ratio(add_speedups(best_rates(frame, cells), reference, cells) if reference
                           else best_rates(frame, cells).assign(speedup=None))
-        edges = best.loc[best["lr_edge"] & best["reached"], cells]
+        edges = best.loc[best["lr_edge"] & best["reached"]]
         rows = [*(k for k in reference if k not in cells and k in best), *cells]   # C is the rows even if fixed
         text = (f"{reached}, best learning rate per setting (fewest interpolated rounds; ties to the smaller rate; "
                 f"'—' where no rate reached the target); {against}; [the paper's rounds; ours/paper]; η the "
@@ -451,7 +452,8 @@ def tables(frame: pd.DataFrame, varying: list[str], reference: Mapping[str, obje
                 f"{paper_notes(best)}")
         if len(edges):
             text += "\nBest rate at an edge of the grid (widen it there): " + "; ".join(
-                label(r, cells) for r in edges.to_dict("records")) + "\n"
+                " ".join(filter(None, (column_title(cells, tuple(r[k] for k in cells)), f"η={number(r[LR]):g}")))
+                for r in edges.to_dict("records")) + "\n"
         text += (f"\nEvery learning rate tried (rounds to {percent(target) if target else 'target'}; "
                  f"bold: chosen; >N: pruned after N rounds, once another rate had reached the target in fewer "
                  f"(fl.prune); ×: diverged; …N: running (or its process died) after N rounds; -: not reached in the "

@@ -49,6 +49,15 @@ def test_the_rates_table_marks_pruned_diverged_and_unfinished_rates_and_prefers_
     assert lines[2] == "| 0.1 | >41 | …700 | **40.0** | >41 | × |"   # the killed run of 0.0215 gives way to its rerun
 
 
+def test_a_rate_sweep_of_one_setting_reports_its_best_rate_and_edge():
+    frame = runs([{"lr": "0.0464", "rounds": 6.0}, {"lr": "0.1", "rounds": 4.7}]).assign(
+        **{"fl.target_accuracy": "0.92", "paper": "", "paper_note": "", "rounds": [6, 5], "final_accuracy": 0.93,
+           "speedup": None})
+    text, best, _ = tables(frame, ["fl.lr"], {}, 0.92)
+    assert best["fl.lr"].tolist() == ["0.1"] and "no speedups" in text
+    assert "Best rate at an edge of the grid (widen it there): η=0.1\n" in text
+
+
 C, BLOCKS = ("0.0", "0.1"), [("iid", "0"), ("iid", "10"), ("shards", "0"), ("shards", "10")]
 
 
@@ -90,7 +99,7 @@ def test_table1_layout_from_a_tiny_grid_puts_ours_beside_the_papers_in_its_colum
             assert cell == f"{ours:.1f}{speed} [{paper[c][b]}; {ours / paper[c][b]:.2f}] η 0.1{edge}", (c, b)
     assert "Best rate at an edge of the grid" in text
     assert "| partition.name | fl.batch_size | fl.fraction | η=0.1 | η=0.2 |" in text
-    assert "IID B=inf C=0.0; IID B=inf C=0.1;" in text
+    assert "IID B=inf C=0.0 η=0.1; IID B=inf C=0.1 η=0.1;" in text
     assert "| iid | inf | 0.0 | **100.0** | - |" in text and "| shards | 10 | 0.1 | **100.0** | 105.0 |" in text
 
 
