@@ -18,7 +18,7 @@ import pandas as pd
 
 from flexp.metrics import interpolated_rounds_to_target, rounds_to_target
 from flexp.paper import paper_missing, paper_rounds, percent
-from flexp.selection import LR, best_rates, cell_keys, is_lr_grid, rates_table
+from flexp.selection import LR, best_rates, cell_keys, is_lr_grid, rates_table, unreached
 
 KEYS = ("model.name", "partition.name", "dataset.name", "fl.clients", "fl.fraction", "fl.local_epochs",
         "fl.batch_size", "fl.lr", "fl.rounds", "fl.target_accuracy", "seed", "mode")
@@ -208,13 +208,16 @@ def markdown(frame: pd.DataFrame, varying: list[str], target: float | None) -> s
         shown[key] = shown[key].map(lambda v: "—" if pd.isna(v) else v)
     for col in ("best_accuracy", "final_accuracy"):
         shown[col] = shown[col].map(lambda v: f"{v:.4f}" if pd.notna(v) else "")
+    marks = frame.apply(unreached, axis=1) if "stopped" in frame and "rounds" in frame else pd.Series("-", frame.index)
     for col in [c for c in shown.columns if c.startswith("rounds to")]:
-        shown[col] = shown[col].map(lambda v: f"{v:.1f}" if pd.notna(v) else "-")
+        shown[col] = [f"{v:.1f}" if pd.notna(v) else mark for v, mark in zip(shown[col], marks)]
     if "speedup" in shown:
         shown["speedup"] = shown["speedup"].map(lambda v: f"{v:.1f}x" if pd.notna(v) else "")
     head = "| " + " | ".join(shown.columns) + " |\n|" + "---|" * len(shown.columns) + "\n"
     body = "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in shown.itertuples(index=False))
-    return head + body + paper_notes(frame)
+    legend = ("\nNot reached: >N pruned after N rounds (fl.prune), × diverged, …N running or died after N rounds, "
+              "- not in the budget.\n" if (marks != "-").any() else "")
+    return head + body + legend + paper_notes(frame)
 
 
 PARTITIONS = {"iid": "IID", "shards": "non-IID"}   # as the paper's column titles
