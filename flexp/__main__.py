@@ -1,21 +1,28 @@
-"""`flexp` / `python -m flexp [+experiment=NAME] [key=value ...]`: one job, or a sweep with -m."""
+"""`flexp` / `python -m flexp [+experiment=NAME] [key=value ...]`: one job, or a sweep with -m.
+
+Hydra and everything heavier are imported inside functions, after `cli` has taken over Ctrl-C (flexp.interrupt).
+"""
 
 from __future__ import annotations
 
-import logging
 import sys
-from functools import partial
-from pathlib import Path
-from typing import TYPE_CHECKING
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from flexp import interrupt
 
-from flexp.config import ConfigError, ExperimentConfig, check_key, parse_config
-from flexp.searchpath import CONF_DIR, group_options, search_dirs, with_sweeps_on_search_path
+if __name__ == "__main__":
+    interrupt.install()
+
+import logging  # noqa: E402
+from functools import partial  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
+
+from flexp.config import ConfigError, ExperimentConfig, check_key, parse_config  # noqa: E402
+from flexp.searchpath import CONF_DIR, group_options, search_dirs, with_sweeps_on_search_path  # noqa: E402
 
 if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
     from flexp.checkpoint import Checkpoint
 
 GROUPS = ("dataset", "model", "partition", "engine", "tracking", "experiment", "sweep", "strategy")
@@ -101,9 +108,11 @@ DIR/model/NAME.yaml is model=NAME.
 """
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """Validate the composed config at the edge, then run the job."""
+    """Hydra's task function: validate the composed config at the edge, then run the job."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
         tree = OmegaConf.to_container(cfg, resolve=True)
         config = parse_config(tree)
@@ -137,11 +146,22 @@ def main(cfg: DictConfig) -> float | None:
     except (DataSourceError, AllClientsFailed, ClientFailure, ServerStepFailed) as err:
         fail(" | ".join(str(err).splitlines()), code=1)
     except KeyboardInterrupt:
-        fail(f"interrupted: the MLflow run is marked KILLED and keeps the rounds logged so far; continue it with "
-             f"python -m flexp resume={output_dir}", code=130)
+        fail(interrupted(output_dir, tracker.started), code=interrupt.EXIT_CODE)
     finally:
         tracker.close()
     return result.summary().get("best_test_accuracy")
+
+
+def interrupted(output_dir: Path, started: bool) -> str:
+    """What an interrupt left behind, and how to go on from it."""
+    from flexp import checkpoint
+
+    if (output_dir / checkpoint.FILE).is_file():
+        return (f"interrupted: the MLflow run is marked KILLED and keeps the rounds logged so far; continue it with "
+                f"python -m flexp resume={output_dir}")
+    if started:
+        return "interrupted before the first checkpoint: the MLflow run is marked KILLED"
+    return "interrupted before the run started; nothing was logged"
 
 
 def in_multirun() -> bool:
@@ -195,20 +215,20 @@ def output_dir_of_run(run_id: str, config: ExperimentConfig) -> Path:
     return directory
 
 
-def interrupt_on_sigterm() -> None:
-    """Treat SIGTERM (kill, a scheduler's stop) like Ctrl-C, so the MLflow run is ended KILLED, not left RUNNING."""
-    import signal
-
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handler)
-
-
 def cli() -> None:
-    """The `flexp` command and `python -m flexp`: check the command line in one line each, then run Hydra."""
-    argv = sys.argv[1:]
-    interrupt_on_sigterm()
+    """The `flexp` command and `python -m flexp`: take over Ctrl-C and SIGTERM, check the command line in one line
+    each, then run Hydra."""
+    interrupt.install()
+    try:
+        run_cli(sys.argv[1:])
+    except KeyboardInterrupt:
+        fail("interrupted before the run started; nothing was logged", code=interrupt.EXIT_CODE)
+
+
+def run_cli(argv: list[str]) -> None:
+    """The command line's checks, then Hydra's main (one job, or a sweep with -m)."""
+    import hydra
+
     if {"-m", "--multirun"} & set(argv) and any(a in ("-c", "--cfg") or a.startswith("--cfg=") for a in argv):
         fail("--cfg shows one job's config: drop -m (Hydra prints one config at a time)")
     check_group_choices(argv)
@@ -216,7 +236,8 @@ def cli() -> None:
     if "--help" in argv or "-h" in argv:
         print(usage(search_dirs(argv)))
     sys.argv[1:] = with_sweeps_on_search_path(forcing_known_keys(argv))
-    main()
+    interrupt.check()
+    hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(main)()
 
 
 def warn_resume_overrides(argv: list[str]) -> None:

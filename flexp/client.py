@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from flexp import interrupt
 from flexp.flat import Replica
 
 if TYPE_CHECKING:
@@ -79,6 +80,7 @@ def local_sgd(model: Replica, x: torch.Tensor, y: torch.Tensor, task: ClientTask
     epochs = task.local_epochs(spec)
     for order in epoch_orders(task, epochs).to(x.device):
         for first in range(0, n, batch):
+            interrupt.check()
             chosen = order[first:first + batch]
             loss, cstate = step(x[chosen], y[chosen], spec.lr, algorithm, cstate, task_loss)
             loss_sum += loss * len(chosen)

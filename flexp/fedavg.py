@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flexp import interrupt
 from flexp.aggregate import weighted_average
 from flexp.algorithm import Algorithm
 from flexp.arrival import held, held_fraction
@@ -252,6 +253,7 @@ def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split,
     result = TrainingResult(global_params, list(state.history), target=fl.target_accuracy)
     first_error = ""
     for round_ in range(state.round + 1, fl.rounds + 1):
+        interrupt.check()
         if reached_target(fl, result.history):
             break
         if (why := stop(result.history)) is not None:

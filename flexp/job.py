@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from flexp import checkpoint
+from flexp import checkpoint, interrupt
 from flexp import partition as partitions
 from flexp.algorithm import Algorithm
 from flexp.baseline import run_baseline
@@ -89,6 +89,7 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
     """Load data, partition it and build the model; every ConfigError surfaces here, before a run exists."""
     device = resolve_device(cfg.engine.device)
     data = load_dataset(cfg.dataset, log=log.info)
+    interrupt.check()
     parts = make_partition(cfg, data) if cfg.mode == "federated" else []
     torch.manual_seed(cfg.seed)
     model = new_model(cfg, data).to(device)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flexp import interrupt
 from flexp.data import Split
 
 
@@ -31,6 +32,7 @@ def evaluate(module: nn.Module, split: Split, batch_size: int = 1000,
     outputs = []
     with torch.inference_mode():
         for start in range(0, len(split), batch_size):
+            interrupt.check()
             batch = split.x[start:start + batch_size]
             if images:
                 batch = batch.contiguous(memory_format=torch.channels_last)

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flexp import interrupt
 from flexp.config import TrackingConfig
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("flexp")
 START_TIMEOUT_S = 120.0
+POLL_S = 0.1  # how often a wait for the writer looks for Ctrl-C
 FINISH_TIMEOUT_S = 600.0
 
 
@@ -41,6 +43,7 @@ class TrackingWriter:
     def __init__(self, cfg: TrackingConfig) -> None:
         self.cfg = cfg
         self.run_id: str | None = None
+        self.started = False  # a run was started (or reopened) in the store
         self.failure: str | None = None
         self.resume_hint = ""  # how to resume the job, told when tracking fails mid-run
         self.replies: queue.Queue[dict[str, Any]] = queue.Queue()
@@ -78,10 +81,13 @@ class TrackingWriter:
             self._failed(f"the tracking process is gone ({err})")
 
     def _answer(self) -> dict[str, Any]:
-        try:
-            return self.replies.get(timeout=START_TIMEOUT_S)
-        except queue.Empty:
-            return {"error": f"no answer from {self.cfg.uri} in {START_TIMEOUT_S:.0f} s"}
+        for _ in range(int(START_TIMEOUT_S / POLL_S)):
+            interrupt.check()
+            try:
+                return self.replies.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
+        return {"error": f"no answer from {self.cfg.uri} in {START_TIMEOUT_S:.0f} s"}
 
     def start(self, run_name: str, tags: Mapping[str, str], run_id: str | None = None) -> str:
         """Start (or, given `run_id`, reopen) the run and wait for its id; TrackingError if the store fails."""
@@ -90,7 +96,7 @@ class TrackingWriter:
         if "error" in reply:
             self.close()
             raise TrackingError(f"tracking.uri={self.cfg.uri}: {reply['error']}")
-        self.run_id = reply["run_id"]
+        self.run_id, self.started = reply["run_id"], True
         return self.run_id
 
     def logged_rounds(self) -> set[int]:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flexp import interrupt
 from flexp.algorithm import Algorithm, TaskLoss
 from flexp.client import ClientResult, ClientTask, LocalSpec, failed_result, local_sgd
 from flexp.config import ConfigError
@@ -50,6 +51,18 @@ def client_update(make_model: Callable[[], nn.Module], train: Split, global_para
         return failed_result(task, global_params, err)
 
 
+def gathered(ray: Any, futures: list[Any], poll_s: float = 0.2) -> list[Any]:
+    """ray.get of every future, checking for a stop request while they run (the tasks are cancelled then)."""
+    pending = futures
+    while pending:
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=poll_s)
+        if interrupt.requested():
+            for future in pending:
+                ray.cancel(future, force=True)
+            raise KeyboardInterrupt
+    return ray.get(futures)
+
+
 class RayEngine:
     """Runs each sampled client as a Ray task with `num_cpus`/`num_gpus` each; results come back in task order."""
 
@@ -61,6 +74,7 @@ class RayEngine:
         if self.started_here:
             ray.init(address=None if address == "local" else address, include_dashboard=False,
                      log_to_driver=False, configure_logging=False)
+            interrupt.reclaim()
         self.train_ref = ray.put(Split(train.x.cpu(), train.y.cpu()))
         self.random = draws_random(make_model(), train.x[:2].cpu())
         self.remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(client_update)
@@ -76,7 +90,7 @@ class RayEngine:
         state = {k: v.cpu() for k, v in (state or {}).items()}
         futures = [self.remote.remote(self.make_model, self.train_ref, params_ref, task, self.spec, algorithm_ref,
                                       self.task_loss, state, self.random) for task in tasks]
-        return self.ray.get(futures)
+        return gathered(self.ray, futures)
 
     def close(self) -> None:
         if self.started_here:

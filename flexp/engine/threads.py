@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flexp import interrupt
 from flexp.algorithm import Algorithm, TaskLoss
 from flexp.client import ClientResult, ClientTask, LocalSpec, failed_result, local_sgd
 from flexp.data import Split
@@ -58,6 +59,7 @@ class ThreadEngine:
             with seeded([task.seed], self.device):
                 return local_sgd(replica, self.train.x, self.train.y, task, self.spec, algorithm, self.task_loss)
         except Exception as err:  # one client's failure is the server's to judge, not a crash
+            interrupt.check()  # torch may hand a KeyboardInterrupt back as another error: never a client failure
             return failed_result(task, global_params, err)
         finally:
             self.replicas.put(replica)
@@ -71,7 +73,7 @@ class ThreadEngine:
         with intra_op_threads(1):
             if self.pool is None:
                 return [self._update(global_params, t, algorithm, state) for t in tasks]
-            return list(self.pool.map(lambda t: self._update(global_params, t, algorithm, state), tasks))
+            return interrupt.mapped(self.pool, lambda t: self._update(global_params, t, algorithm, state), tasks)
 
     def close(self) -> None:
         if self.pool is not None:

@@ -19,6 +19,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 from torch.utils._pytree import tree_map
 
+from flexp import interrupt
 from flexp.algorithm import Algorithm, TaskLoss
 from flexp.client import ClientResult, ClientTask, LocalSpec, epoch_orders, failed_result, local_steps
 from flexp.data import Split
@@ -125,6 +126,7 @@ class VectorizedEngine:
         correction = BatchedMLP.from_rows(correction, self.layers) if correction is not None else None
         loss_sum = torch.zeros(clients, device=self.device, dtype=self.dtype)
         for idx, mask in zip(plan.indices, plan.mask):
+            interrupt.check()
             y = self.train.y[idx]
             y = y if label_maps is None else torch.gather(label_maps, 1, y)
             losses = net.step(self.flat_x[idx], y, mask, self.spec.lr, mu, anchor, correction)
@@ -148,6 +150,7 @@ class VectorizedEngine:
         step = vmap(algorithm.step, in_dims=(0, 0, 0, None))
         loss_sum = torch.zeros(clients, device=self.device, dtype=self.dtype)
         for idx, mask in zip(plan.indices, plan.mask):
+            interrupt.check()
             grads, (_, losses) = gradient(params, frozen, cstate, self.train.x[idx], self.train.y[idx], mask)
             new_params, new_cstate = step(params, grads, cstate, self.spec.lr)
             active = mask.sum(1) > 0  # a client without a batch this step keeps its weights and state
@@ -198,13 +201,14 @@ class VectorizedEngine:
         with intra_op_threads(1):  # kernels round differently with different thread counts
             if self.pool is None or not kernel:
                 return [r for group in groups for r in run(group)]
-            return [r for out in self.pool.map(run, groups) for r in out]
+            return [r for out in interrupt.mapped(self.pool, run, groups) for r in out]
 
     def _guarded(self, global_params: torch.Tensor, tasks: Sequence[ClientTask], algorithm: Algorithm,
                  state: State) -> list[ClientResult]:
         try:
             return self._train_group(global_params, tasks, algorithm, state)
         except Exception as err:  # a lockstep group fails as a whole; the server judges what to do
+            interrupt.check()  # torch may hand a KeyboardInterrupt back as another error: never a client failure
             return [failed_result(task, global_params, err) for task in tasks]
 
     def close(self) -> None:
