@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from flexp.aggregate import fedavg
 from flexp.client import ClientResult
@@ -110,3 +110,71 @@ def tensors(state: Mapping[str, Any], owner: str, keys: Sequence[str]) -> dict[s
     if wrong:
         raise ValueError(f"{owner} state entries {wrong} are not tensors")
     return dict(state)
+
+
+def held_tensors(algorithm: Algorithm, depth: int = 4) -> dict[str, Tensor]:
+    """Every tensor among the algorithm's attributes, by where it sits: 'c', 'velocity[3]', 'inner.m' (in dicts,
+    lists, tuples, modules and wrapped algorithms, `depth` levels down)."""
+    found: dict[str, Tensor] = {}
+
+    def visit(value: Any, path: str, left: int) -> None:
+        if isinstance(value, Tensor):
+            found[path] = value
+        elif left <= 0:
+            return
+        elif isinstance(value, Algorithm):
+            for name, item in vars(value).items():
+                visit(item, f"{path}.{name}" if path else name, left - 1)
+        elif isinstance(value, nn.Module):
+            for name, item in value.state_dict(keep_vars=True).items():
+                visit(item, f"{path}[{name!r}]", left - 1)
+        elif isinstance(value, Mapping):
+            for key, item in value.items():
+                visit(item, f"{path}[{key!r}]", left - 1)
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                visit(item, f"{path}[{i}]", left - 1)
+
+    visit(algorithm, "", depth + 1)
+    return found
+
+
+def snapshot(algorithm: Algorithm) -> dict[str, Tensor]:
+    """Detached copies of held_tensors(algorithm): what unsaved_attributes compares a later state against."""
+    return {path: t.detach().clone() for path, t in held_tensors(algorithm).items()}
+
+
+def unsaved_attributes(algorithm: Algorithm, before: Mapping[str, Tensor]) -> list[str]:
+    """The attributes (as 'velocity', 'inner.m') holding a tensor that changed since `before` (a snapshot) and that
+    state_dict() does not hold, by identity, storage or value: the state a resume would not restore. Tensors that
+    never changed (hyperparameters, constant label maps) are not state and are left out."""
+    saved = list(held_tensors_of(algorithm.state_dict()))
+    ids = {id(t) for t in saved}
+    places = {(t.data_ptr(), t.shape) for t in saved if t.numel()}
+    out: list[str] = []
+    for path, tensor in held_tensors(algorithm).items():
+        attribute = path.split("[", 1)[0]
+        if attribute in out or same(before.get(path), tensor) or id(tensor) in ids:
+            continue
+        if (tensor.data_ptr(), tensor.shape) in places or any(same(tensor, t) for t in saved):
+            continue
+        out.append(attribute)
+    return out
+
+
+def held_tensors_of(state: Any) -> list[Tensor]:
+    """The tensors in a state_dict (in nested dicts, lists and tuples)."""
+    if isinstance(state, Tensor):
+        return [state]
+    if isinstance(state, Mapping):
+        return [t for v in state.values() for t in held_tensors_of(v)]
+    if isinstance(state, (list, tuple)):
+        return [t for v in state for t in held_tensors_of(v)]
+    return []
+
+
+def same(a: Tensor | None, b: Tensor) -> bool:
+    """True when `a` holds `b`'s values (shape and values; `b` cast to `a`'s dtype and device)."""
+    if a is None or a.shape != b.shape:
+        return False
+    return torch.equal(a.detach(), b.detach().to(a.device, a.dtype))

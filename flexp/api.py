@@ -3,7 +3,7 @@
     import flexp
     cfg = flexp.compose(["model=2nn", "fl.rounds=5"])
     result = flexp.run(cfg)                     # no MLflow: no writer process, no store file
-    result.history[-1].test_accuracy, result.model
+    result.history[-1].test_accuracy, result.model, result.algorithm
     flexp.run(cfg, model=MyNet(), tracking=True)  # any nn.Module (or a callable returning one), logged to MLflow
 """
 
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from omegaconf import DictConfig
     from torch import nn
 
+    from flexp.algorithm import Algorithm
     from flexp.config import ExperimentConfig
     from flexp.data import Dataset
     from flexp.fedavg import RoundRecord
@@ -64,7 +65,9 @@ def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None)
 
 @dataclass
 class Result:
-    """What a run gives back: the round history, the final model and weights, and everything logged per round."""
+    """What a run gives back: the round history, the final model and weights, everything logged per round, and
+    the algorithm that trained it (`algorithm`: the strategy object with its state after the last round, e.g.
+    SCAFFOLD's control variates, or a strategy._target_'s own; None for mode=baseline)."""
 
     history: list[RoundRecord]
     model: nn.Module
@@ -73,10 +76,12 @@ class Result:
     metrics: dict[int, dict[str, float]]  # {round: every metric logged at it, callbacks' included}
     data: Dataset
     run_id: str | None = None
+    algorithm: Algorithm | None = None
 
 
 class InProcessTracker:
-    """The Tracker of a Python run: keeps every metric, and forwards to an in-process MLflow tracker when given one.
+    """The Tracker of a Python run: keeps every metric and tag, and forwards to an in-process MLflow tracker when
+    given one.
 
     A model that cannot be logged (it will not pickle) is a warning, not a failed run.
     """
@@ -85,6 +90,7 @@ class InProcessTracker:
         self.mlflow = mlflow
         self.run_id: str | None = None
         self.metrics: dict[int, dict[str, float]] = {}
+        self.tags: dict[str, str] = {}
 
     def start(self, run_name: str, tags: Mapping[str, str], run_id: str | None = None) -> str:
         if self.mlflow is not None:
@@ -94,6 +100,11 @@ class InProcessTracker:
     def log_params(self, params: Mapping[str, Any]) -> None:
         if self.mlflow is not None:
             self.mlflow.log_params(params)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self.tags.update(tags)
+        if self.mlflow is not None:
+            self.mlflow.set_tags(tags)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         if step is not None:
@@ -158,6 +169,10 @@ def run(cfg: DictConfig | Mapping[str, Any] | ExperimentConfig, *, tracking: boo
     tracking.uri, from this process. `model` replaces the configured one: an nn.Module (its initial weights are
     used) or a callable returning one (given input_shape and num_classes when it takes them); a class defined in a
     notebook works and is logged with its code (cloudpickle), or a warning says why it could not be.
+
+    The Result holds the history, the final model and weights and, as `result.algorithm`, the algorithm object that
+    trained it (the configured strategy, inside its attacker when attack.name is set) with its state after the last
+    round: a strategy._target_'s own attributes, FedAvgM's velocity, SCAFFOLD's control variates.
     """
     from omegaconf import DictConfig, OmegaConf
 
@@ -180,7 +195,7 @@ def run(cfg: DictConfig | Mapping[str, Any] | ExperimentConfig, *, tracking: boo
     result = execute(config, tracker, {"flexp.overrides": "(python API)"}, text, ready=ready, rivals=rivals)
     final = load_flat(new_model(config, ready.data).to(ready.device), result.params, result.state)
     return Result(result.history, final, result.params, result.summary(), tracker.metrics, ready.data,
-                  tracker.run_id)
+                  tracker.run_id, ready.algorithm)
 
 
 __all__ = ["Result", "compose", "run"]

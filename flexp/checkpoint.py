@@ -6,6 +6,7 @@ torch.load(weights_only=True): a file from someone else may be refused, but noth
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import tempfile
@@ -17,10 +18,12 @@ from typing import Any
 
 import torch
 
+from flexp.algorithm import Algorithm, snapshot, unsaved_attributes
 from flexp.config import parse_config
 from flexp.fedavg import RoundRecord, ServerState
 from flexp.strategy import make_strategy, tensors
 
+log = logging.getLogger("flexp")
 FILE = "checkpoint.pt"
 FORMAT = "flexp-checkpoint"
 VERSION = 2
@@ -102,6 +105,33 @@ def from_payload(payload: Any) -> Checkpoint:
         raise CheckpointError(f"not a checkpoint flexp can continue ({one_line(err)})") from None
     state = ServerState(payload["round"], payload["params"], strategy, history, model_state)
     return Checkpoint(state, payload["run_id"], payload["config"], rng)
+
+
+class UnsavedStateWarning:
+    """Warns once, when called at the first checkpoint, if the algorithm keeps tensors in its attributes that changed
+    since this object was made (at the run's start) and that its state_dict() leaves out: a resume would continue
+    without them, from different weights, and say nothing."""
+
+    def __init__(self, algorithm: Algorithm | None) -> None:
+        self.before = snapshot(algorithm) if algorithm is not None else None
+
+    def __call__(self, algorithm: Algorithm) -> None:
+        if self.before is None:
+            return
+        before, self.before = self.before, None
+        attributes = unsaved_attributes(algorithm, before)
+        if attributes:
+            log.warning("%s keeps tensors in %s that its state_dict() does not return: a resume from this "
+                        "checkpoint will not restore them and will go on from different weights (return them from "
+                        "state_dict() and set them in load_state_dict())", algorithm_name(algorithm),
+                        ", ".join(attributes))
+
+
+def algorithm_name(algorithm: Algorithm) -> str:
+    """The algorithm's class name, with the one it wraps (an attacker's inner algorithm)."""
+    inner = getattr(algorithm, "inner", None)
+    name = type(algorithm).__name__
+    return f"{name} (around {type(inner).__name__})" if isinstance(inner, Algorithm) else name
 
 
 def save(directory: Path, checkpoint: Checkpoint) -> Path:

@@ -402,12 +402,18 @@ def _partition(tree: Mapping[str, Any]) -> PartitionConfig:
 MODEL_KEYS = ("name", "hidden", "_target_")
 
 
+def target_name(target: str) -> str:
+    """The name a `_target_` goes by in run names and params: its last dotted part (mypkg.nets.Net -> Net)."""
+    return target.rpartition(".")[2]
+
+
 def _model(tree: Mapping[str, Any]) -> ModelConfig:
     """A built-in model (name, hidden; other keys are typos) or `_target_` with any keyword arguments."""
     s = _Section(tree, "model")
     if "_target_" in s.node:
         target = s.text("_target_")
-        name = s.text("name", default=target.rpartition(".")[2])
+        name = s.text("name", default=target_name(target))
+        name = target_name(target) if name in MODELS else name  # model._target_ set over a built-in's file
         kwargs = {k: v for k, v in s.node.items() if k not in ("name", "_target_")}
         check_arguments(s.key("_target_"), target, kwargs, supplied=("input_shape", "num_classes"))
         return ModelConfig(name=name, target=target, kwargs=kwargs)
@@ -522,7 +528,7 @@ def _target_strategy(s: _Section) -> StrategyConfig:
 
     check_arguments(s.key("_target_"), target, kwargs, STRATEGY_SUPPLIED, Algorithm)
     if not isinstance(name, str) or name in STRATEGIES:  # strategy._target_ set over a built-in's file
-        name = target.rpartition(".")[2]
+        name = target_name(target)
     return StrategyConfig(name=name, target=target, kwargs=kwargs)
 
 
@@ -597,6 +603,7 @@ def parse_config(tree: Mapping[str, Any]) -> ExperimentConfig:
     """Validate a resolved config mapping into an ExperimentConfig, or raise ConfigError naming the bad key."""
     _check_keys(tree)
     top = _Section(tree, "")
+    model, strategy = _model(tree), _strategy(tree)
     return ExperimentConfig(
         mode=top.choice("mode", MODES),
         seed=top.integer("seed", low=0),
@@ -604,10 +611,10 @@ def parse_config(tree: Mapping[str, Any]) -> ExperimentConfig:
         baseline=_baseline(tree),
         dataset=_dataset(tree),
         partition=_partition(tree),
-        model=_model(tree),
+        model=model,
         engine=_engine(tree),
         tracking=_tracking(tree),
-        strategy=_strategy(tree),
+        strategy=strategy,
         clients=_clients(tree),
         attack=_attack(tree),
         data=_data(tree),
@@ -616,5 +623,16 @@ def parse_config(tree: Mapping[str, Any]) -> ExperimentConfig:
         loss=_loss(tree),
         metrics=_callbacks(tree, "metrics"),
         resume=_resume(tree),
-        raw=tree,
+        raw=named_targets(tree, model, strategy),
     )
+
+
+def named_targets(tree: Mapping[str, Any], model: ModelConfig, strategy: StrategyConfig) -> Mapping[str, Any]:
+    """`tree` with model.name and strategy.name set to the parsed names where a `_target_` is set, so the logged
+    params (and the report's lookups) never name the built-in whose file the `_target_` was set over."""
+    out = dict(tree)
+    for section, parsed in (("model", model), ("strategy", strategy)):
+        node = tree.get(section)
+        if parsed.target is not None and isinstance(node, Mapping) and node.get("name") != parsed.name:
+            out[section] = {**node, "name": parsed.name}
+    return out

@@ -21,6 +21,7 @@ from flexp.client import LocalSpec
 from flexp.config import ConfigError, ExperimentConfig
 from flexp.data import Dataset, load_dataset
 from flexp.engine import make_engine
+from flexp.engine.path import watch_path
 from flexp.fedavg import Conditions, Evaluation, RoundRecord, ServerState, TrainingResult, run_fedavg
 from flexp.flat import load_flat
 from flexp.models import ModelFactory, count_parameters
@@ -31,6 +32,7 @@ from flexp.strategy import make_algorithm
 from flexp.tracking import flatten
 
 log = logging.getLogger("flexp")
+ENGINE_TAG, PATH_TAG = "flexp.engine", "flexp.engine_path"  # the engine `auto` resolved to; how rounds trained
 
 
 class Tracker(Protocol):
@@ -38,6 +40,7 @@ class Tracker(Protocol):
 
     def start(self, run_name: str, tags: Mapping[str, str], run_id: str | None = None) -> str: ...
     def log_params(self, params: Mapping[str, Any]) -> None: ...
+    def set_tags(self, tags: Mapping[str, str]) -> None: ...
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
     def log_text(self, text: str, path: str) -> None: ...
     def log_model(self, model: nn.Module) -> None: ...
@@ -120,8 +123,10 @@ def new_model(cfg: ExperimentConfig, data: Dataset) -> nn.Module:
 def train(cfg: ExperimentConfig, ready: Prepared, on_record: Callable[[RoundRecord], None],
           resume: ServerState | None = None,
           on_state: Callable[[ServerState], None] = lambda s: None,
-          stop: Callable[[Sequence[RoundRecord]], str | None] = lambda h: None) -> TrainingResult:
-    """Run FedAvg or the baseline on prepared inputs (FedAvg from `resume` when given, until `stop` says why)."""
+          stop: Callable[[Sequence[RoundRecord]], str | None] = lambda h: None,
+          on_tags: Callable[[Mapping[str, str]], None] = lambda t: None) -> TrainingResult:
+    """Run FedAvg or the baseline on prepared inputs (FedAvg from `resume` when given, until `stop` says why);
+    the engine and the path its rounds take are logged and given to `on_tags`."""
     if cfg.mode == "baseline":
         return run_baseline(ready.model, ready.data.train, ready.data.test, cfg.baseline, cfg.seed,
                             cfg.fl.target_accuracy, on_record)
@@ -136,18 +141,29 @@ def train(cfg: ExperimentConfig, ready: Prepared, on_record: Callable[[RoundReco
             algorithm.load_state_dict(resume.strategy.state_dict())
             resume = replace(resume, strategy=algorithm)
         conditions = Conditions(cfg.clients, cfg.data, cfg.engine.on_client_error)
-        return run_fedavg(ready.model, ready.partition, ready.data.test, cfg.fl, engine, cfg.seed, on_record,
+        check_path = watch_path(cfg.engine.name, engine, algorithm,
+                                lambda name, path: on_tags({ENGINE_TAG: name, PATH_TAG: path}))
+
+        def checked(record: RoundRecord) -> None:
+            check_path(record.round)
+            on_record(record)
+
+        return run_fedavg(ready.model, ready.partition, ready.data.test, cfg.fl, engine, cfg.seed, checked,
                           algorithm, conditions, resume, on_state, evaluation, stop)
     finally:
         engine.close()
 
 
-def checkpointer(cfg: ExperimentConfig, directory: Path | None, run_id: str) -> Callable[[ServerState], None]:
-    """Save the server state every checkpoint.every rounds and after the last one (federated runs only)."""
+def checkpointer(cfg: ExperimentConfig, directory: Path | None, run_id: str,
+                 algorithm: Algorithm | None = None) -> Callable[[ServerState], None]:
+    """Save the server state every checkpoint.every rounds and after the last one (federated runs only); at the
+    first, warn if `algorithm` keeps state that its state_dict() leaves out."""
+    unsaved = checkpoint.UnsavedStateWarning(algorithm)
 
     def on_state(state: ServerState) -> None:
         every = cfg.checkpoint.every
         if directory is not None and every and (state.round % every == 0 or state.round == cfg.fl.rounds):
+            unsaved(state.strategy)
             checkpoint.save(directory, checkpoint.Checkpoint(state, run_id, cfg.raw, checkpoint.rng_states()))
 
     return on_state
@@ -215,14 +231,14 @@ def execute(cfg: ExperimentConfig, tracker: Tracker, tags: Mapping[str, str], co
                     tracker.log_metrics(record.metrics(), step=record.round)
             log.info("resuming after round %d of %d (output dir %s)", resume.state.round, total, output_dir)
 
-        on_state, callback_metrics = with_callbacks(ready, checkpointer(cfg, output_dir, run_id))
+        on_state, callback_metrics = with_callbacks(ready, checkpointer(cfg, output_dir, run_id, ready.algorithm))
 
         def on_record(record: RoundRecord) -> None:
             tracker.log_metrics({**record.metrics(), **callback_metrics.pop(record.round, {})}, step=record.round)
             progress.update(record)
 
         state = resume.state if resume else None
-        result = train(cfg, ready, on_record, state, on_state, stop)
+        result = train(cfg, ready, on_record, state, on_state, stop, tracker.set_tags)
         progress.close()
         summary = result.summary()
         trained = resume is None or len(result.history) > len(resume.state.history)

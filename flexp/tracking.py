@@ -149,6 +149,11 @@ class MlflowTracker:
         for i in range(0, len(keys), 100):
             retrying(mlflow.log_params)({k: items[k] for k in keys[i:i + 100]})
 
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        import mlflow
+
+        retrying(mlflow.set_tags)({k: str(v)[:PARAM_LIMIT] for k, v in tags.items()})
+
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         import mlflow
 

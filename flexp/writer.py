@@ -108,6 +108,9 @@ class TrackingWriter:
     def log_params(self, params: Mapping[str, Any]) -> None:
         self._send("log_params", params={k: str(v) for k, v in params.items()})
 
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self._send("set_tags", tags={k: str(v) for k, v in tags.items()})
+
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         self._send("log_metrics", metrics={k: float(v) for k, v in metrics.items()}, step=step)
 

@@ -42,7 +42,8 @@ def _run(engine_cls, algorithm, rounds=3, resume=None, **kwargs):
 def test_a_user_algorithm_trains_the_same_on_threads_and_vectorized_without_a_kernel():
     threads, _ = _run(ThreadEngine, LocalMomentum(), workers=2)
     vectorized, engine = _run(VectorizedEngine, LocalMomentum())
-    assert engine.last_path == "generic" and engine.uses_kernel(FedAvg())
+    assert engine.last_path.name == "vmap" and engine.uses_kernel(FedAvg())
+    assert "does not implement LocalMomentum's client side" in engine.last_path.why
     data = load_dataset(SYNTH)
     torch.manual_seed(0)
     start = torch.nn.utils.parameters_to_vector(build_model("2nn", data.input_shape, data.num_classes, 32).parameters())

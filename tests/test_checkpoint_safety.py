@@ -2,6 +2,7 @@
 a flexp checkpoint (a pickle with a payload, random bytes, another program's torch file) is refused in one line
 without anything in it running."""
 
+import logging
 import pickle
 from dataclasses import replace
 
@@ -9,10 +10,11 @@ import pytest
 import torch
 from conftest import SMALL, run_cli
 from omegaconf import OmegaConf
+from user_algorithm import LocalMomentum
 
 from flexp import checkpoint
 from flexp.config import parse_config
-from flexp.job import prepare, train
+from flexp.job import checkpointer, prepare, train
 from flexp.strategy import make_strategy
 
 
@@ -144,3 +146,46 @@ def test_resume_of_a_tampered_checkpoint_is_one_line_and_runs_nothing(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "resume=" in lines[0] and "nothing in it ran" in lines[0], proc.stderr
     assert not marker.exists()
+
+
+class Forgetful(LocalMomentum):
+    """LocalMomentum whose state_dict keeps its round counter but not its clients' velocities."""
+
+    def state_dict(self):
+        return {"rounds": self.rounds}
+
+    def load_state_dict(self, state):
+        self.rounds = state["rounds"]
+
+
+def _unsaved_state_warnings(tmp_path, caplog, overrides, algorithm=None):
+    """The warnings of a run of SMALL + `overrides` (with `algorithm` in place of the configured one) that writes a
+    checkpoint every round, as the job does."""
+    cfg = small_config("fl.rounds=3", *overrides)
+    ready = prepare(cfg)
+    ready = replace(ready, algorithm=algorithm) if algorithm is not None else ready
+    caplog.set_level(logging.WARNING, logger="flexp")
+    train(cfg, ready, lambda r: None, None, checkpointer(cfg, tmp_path, "run", ready.algorithm))
+    assert (tmp_path / checkpoint.FILE).is_file()
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_state_that_state_dict_leaves_out_is_a_warning_once_at_the_first_checkpoint(tmp_path, caplog):
+    (warning,) = _unsaved_state_warnings(tmp_path, caplog, ["engine=threads"], Forgetful())
+    assert warning.startswith("Forgetful keeps tensors in velocity that its state_dict() does not return")
+    assert "resume" in warning and "rounds" not in warning.split("return")[0]
+
+
+@pytest.mark.parametrize("overrides", [["strategy=fedavg"], ["strategy=fedprox", "strategy.mu=0.1"],
+                                       ["strategy=fedavgm"], ["strategy=fedadam"], ["strategy=scaffold"],
+                                       ["strategy=scaffold", "attack.name=label_flip", "attack.fraction=0.3"]])
+def test_built_in_strategies_checkpoint_without_a_warning(tmp_path, caplog, overrides):
+    assert _unsaved_state_warnings(tmp_path, caplog, overrides) == []
+
+
+def test_a_wrapped_algorithms_unsaved_state_is_named_through_its_attacker(tmp_path, caplog):
+    from flexp.strategy.sign_flip import SignFlip
+
+    attacked = SignFlip(Forgetful(), frozenset({1}), 1.0)
+    (warning,) = _unsaved_state_warnings(tmp_path, caplog, ["engine=threads"], attacked)
+    assert warning.startswith("SignFlip (around Forgetful) keeps tensors in inner.velocity that")

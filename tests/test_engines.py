@@ -124,6 +124,29 @@ def test_auto_picks_vectorized_for_mlps_and_threads_for_the_cnn_on_cpu():
     assert isinstance(engine, VectorizedEngine)
 
 
+class OwnStep(FedAvg):
+    """SGD written anew: the same steps as FedAvg's, but no kernel claims a step it does not know."""
+
+    def step(self, params, grads, cstate, lr):
+        return {name: p - lr * grads[name] for name, p in params.items()}, cstate
+
+
+def test_the_thread_engine_says_whether_the_cnn_kernel_or_autograd_trains_the_clients():
+    split = Split(torch.zeros(4, 1, 28, 28), torch.zeros(4, dtype=torch.int64))
+
+    def path(model_name, batch_size, algorithm):
+        engine = ThreadEngine(lambda: build_model(model_name, (1, 28, 28), 10), split, LocalSpec(1, batch_size, 0.1), 1)
+        engine.run_round(torch.nn.utils.parameters_to_vector(engine.model.parameters()).detach(), [], algorithm)
+        assert engine.last_path == engine.describe(algorithm)
+        return str(engine.last_path)
+
+    assert path("cnn", 10, FedAvg()) == path("cnn", 512, Scaffold(4, 0.1)) == "kernel (hand CNN kernel)"
+    assert path("cnn", 10, OwnStep()) == "autograd (the CNN kernel does not implement OwnStep's client side)"
+    assert path("cnn", 513, FedAvg()) == "autograd (the CNN kernel takes batches of at most 512 samples)"
+    assert path("cnn", None, FedProx(0.1)).startswith("kernel (hand CNN kernel; autograd for a client of over 512")
+    assert path("2nn", 10, FedAvg()) == "autograd"
+
+
 @pytest.mark.parametrize("model_name", ["2nn", "cnn", "logreg"])
 def test_fedprox_agrees_across_engines_and_pulls_clients_towards_the_global_model(mnist_small, model_name):
     labels = mnist_small.train.y.numpy()
@@ -163,8 +186,8 @@ KERNEL_CLAIMS = {"fedavg": lambda: FedAvg(), "fedprox": lambda: FedProx(0.5),
 
 
 @pytest.mark.parametrize("name", sorted(KERNEL_CLAIMS))
-def test_batched_mlp_kernel_equals_the_generic_path_for_each_algorithm_it_claims(mnist_small, name):
-    """Two rounds of E=1, B=10 in float64: the kernel and torch.func's generic path do the same SGD steps."""
+def test_batched_mlp_kernel_equals_the_vmap_path_for_each_algorithm_it_claims(mnist_small, name):
+    """Two rounds of E=1, B=10 in float64: the kernel and torch.func's vmap path do the same SGD steps."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
@@ -174,19 +197,19 @@ def test_batched_mlp_kernel_equals_the_generic_path_for_each_algorithm_it_claims
         fl = FLConfig(clients=CLIENTS, fraction=0.5, local_epochs=1, batch_size=10, lr=0.05, rounds=2,
                       eval_every=2, target_accuracy=None, stop_at_target=False)
         results = {}
-        for path in ("kernel", "generic"):
+        for path in ("kernel", "vmap"):
             torch.manual_seed(0)
             engine = VectorizedEngine(lambda: build_model("2nn", data.input_shape, 10, hidden=16), data.train,
                                       LocalSpec(1, 10, fl.lr))
-            if path == "generic":
+            if path == "vmap":
                 engine.uses_kernel = lambda algorithm: False
             torch.manual_seed(0)
             model = build_model("2nn", data.input_shape, 10, hidden=16)
             start = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
             results[path] = run_fedavg(model, parts, data.test, fl, engine, 3, strategy=KERNEL_CLAIMS[name]()).params
-            assert engine.last_path == path
+            assert engine.last_path.name == path
         steps = 2 * -(-max(len(p) for p in parts) // 10)
-        assert_same_sgd(results["kernel"], results["generic"], start, steps, longest_sum("2nn", data.input_shape, 10),
+        assert_same_sgd(results["kernel"], results["vmap"], start, steps, longest_sum("2nn", data.input_shape, 10),
                         chained_reductions("2nn"))
     finally:
         torch.set_default_dtype(default)

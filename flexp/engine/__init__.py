@@ -27,7 +27,10 @@ def choose_engine(name: str, model: nn.Module, device: torch.device) -> str:
 
 def make_engine(cfg: EngineConfig, make_model: Callable[[], nn.Module], train: Split, spec: LocalSpec,
                 device: torch.device, task_loss: Callable[..., torch.Tensor] = F.cross_entropy):
-    """Build the configured engine (after resolving `auto`) for the task loss `task_loss`."""
+    """Build the configured engine (after resolving `auto`: its `name` says which) for the task loss `task_loss`.
+
+    Every engine says how a round trains its clients: `describe(algorithm)` before a round, `last_path` after one
+    (an engine.path.EnginePath)."""
     name = choose_engine(cfg.name, make_model(), device)
     if name == "ray":
         from flexp.engine.ray_tasks import RayEngine

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flexp.algorithm import Algorithm, TaskLoss, client_code, hook_owner
-from flexp.engine.cnn_kernel import CLAIMED
+from flexp.engine.cnn_kernel import CLAIMED, client_side
 from flexp.strategy.fedprox import FedProx
 from flexp.strategy.label_flip import LabelFlip
 from flexp.strategy.scaffold import Scaffold
@@ -42,8 +42,20 @@ def mlp_layers(model: nn.Module) -> list[nn.Linear] | None:
 def supports(model: nn.Module, algorithm: Algorithm, task_loss: TaskLoss) -> bool:
     """True when this kernel runs `algorithm` on `model` exactly: an MLP with nothing frozen, cross-entropy and a
     claimed client side."""
-    return (task_loss is F.cross_entropy and mlp_layers(model) is not None and client_code(algorithm) in CLAIMED
-            and all(p.requires_grad for p in model.parameters()))
+    return not unsupported(model, algorithm, task_loss)
+
+
+def unsupported(model: nn.Module, algorithm: Algorithm, task_loss: TaskLoss) -> str:
+    """Why this kernel cannot run `algorithm` on `model` ('' when it can), said for the run's log."""
+    if mlp_layers(model) is None:
+        return "the batched MLP kernel takes Flatten/Linear/ReLU models only"
+    if not all(p.requires_grad for p in model.parameters()):
+        return "the model has frozen parameters"
+    if task_loss is not F.cross_entropy:
+        return "the task loss is not cross-entropy"
+    if client_code(algorithm) not in CLAIMED:
+        return f"the batched MLP kernel does not implement {client_side(algorithm)}"
+    return ""
 
 
 def terms(algorithm: Algorithm, messages: Mapping[str, torch.Tensor]) -> tuple[

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flexp.algorithm import Algorithm, TaskLoss, client_code, hook_owner
+from flexp.engine.path import EnginePath
 from flexp.flat import Replica
 from flexp.strategy.fedprox import FedProx
 from flexp.strategy.label_flip import LabelFlip
@@ -101,10 +102,43 @@ def claimed() -> set[tuple[Callable, ...]]:
 CLAIMED = claimed()
 
 
+def client_side(algorithm: Algorithm) -> str:
+    """The phrase "<class>'s client side" for the run's log, <class> the one whose step hook runs (an attacker runs
+    the hooks of the algorithm inside it)."""
+    return f"{type(hook_owner(algorithm, 'step')).__name__}'s client side"
+
+
 def supports(module: nn.Module, algorithm: Algorithm, task_loss: TaskLoss) -> bool:
     """True when this kernel runs `algorithm` on `module` exactly: the paper's CNN on the CPU and a claimed pair."""
-    on_cpu = all(p.device.type == "cpu" and p.requires_grad for p in module.parameters())  # none frozen
-    return task_loss is F.cross_entropy and on_cpu and is_paper_cnn(module) and client_code(algorithm) in CLAIMED
+    return is_paper_cnn(module) and not unsupported(module, algorithm, task_loss)
+
+
+def unsupported(module: nn.Module, algorithm: Algorithm, task_loss: TaskLoss) -> str:
+    """Why this kernel cannot run `algorithm` on the paper's CNN `module` ('' when it can), for the run's log."""
+    if not all(p.device.type == "cpu" for p in module.parameters()):
+        return "the CNN kernel runs on the CPU only"
+    if not all(p.requires_grad for p in module.parameters()):
+        return "the model has frozen parameters"
+    if task_loss is not F.cross_entropy:
+        return "the task loss is not cross-entropy"
+    if client_code(algorithm) not in CLAIMED:
+        return f"the CNN kernel does not implement {client_side(algorithm)}"
+    return ""
+
+
+def replica_path(module: nn.Module, algorithm: Algorithm, task_loss: TaskLoss, batch_size: int | None) -> EnginePath:
+    """The step a replica_for(module) replica takes for `algorithm` with batches of `batch_size` (None: a client's
+    whole data): the hand CNN kernel, or autograd (and why not the kernel, for the paper's CNN)."""
+    if not is_paper_cnn(module):
+        return EnginePath("autograd")
+    why = unsupported(module, algorithm, task_loss)
+    if why:
+        return EnginePath("autograd", why)
+    if batch_size is None:
+        return EnginePath("kernel", f"hand CNN kernel; autograd for a client of over {MAX_BATCH} samples, as B=inf")
+    if batch_size > MAX_BATCH:
+        return EnginePath("autograd", f"the CNN kernel takes batches of at most {MAX_BATCH} samples")
+    return EnginePath("kernel", "hand CNN kernel")
 
 
 class PaperCnnReplica(Replica):

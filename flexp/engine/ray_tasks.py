@@ -19,6 +19,7 @@ from flexp.algorithm import Algorithm, TaskLoss
 from flexp.client import ClientResult, ClientTask, LocalSpec, failed_result, local_sgd
 from flexp.config import ConfigError
 from flexp.data import Split
+from flexp.engine.path import EnginePath
 from flexp.rng import draws_random
 
 
@@ -66,6 +67,8 @@ def gathered(ray: Any, futures: list[Any], poll_s: float = 0.2) -> list[Any]:
 class RayEngine:
     """Runs each sampled client as a Ray task with `num_cpus`/`num_gpus` each; results come back in task order."""
 
+    name = "ray"
+
     def __init__(self, make_model: Callable[[], nn.Module], train: Split, spec: LocalSpec, address: str = "local",
                  num_cpus: float = 1.0, num_gpus: float = 0.0, task_loss: TaskLoss = F.cross_entropy) -> None:
         ray = import_ray()
@@ -76,8 +79,16 @@ class RayEngine:
                      log_to_driver=False, configure_logging=False)
             interrupt.reclaim()
         self.train_ref = ray.put(Split(train.x.cpu(), train.y.cpu()))
-        self.random = draws_random(make_model(), train.x[:2].cpu())
+        self.model = make_model()  # read only, by describe: which step the tasks' replicas take
+        self.random = draws_random(self.model, train.x[:2].cpu())
         self.remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(client_update)
+        self.last_path: EnginePath | None = None  # the path the last round took
+
+    def describe(self, algorithm: Algorithm) -> EnginePath:
+        """The path run_round's tasks take for `algorithm`: the hand CNN kernel or autograd, and why."""
+        from flexp.engine.cnn_kernel import replica_path
+
+        return replica_path(self.model, algorithm, self.task_loss, self.spec.batch_size)
 
     def run_round(self, global_params: torch.Tensor, tasks: Sequence[ClientTask],
                   algorithm: Algorithm | None = None,
@@ -85,8 +96,10 @@ class RayEngine:
         """Train every task's client from `global_params` (and the model's other `state`) with `algorithm` (put in
         the object store once for the round, the algorithm with its server state: its client hooks must not need
         that state)."""
+        algorithm = algorithm or Algorithm()
+        self.last_path = self.describe(algorithm)
         params_ref = self.ray.put(global_params.cpu())
-        algorithm_ref = self.ray.put(algorithm or Algorithm())
+        algorithm_ref = self.ray.put(algorithm)
         state = {k: v.cpu() for k, v in (state or {}).items()}
         futures = [self.remote.remote(self.make_model, self.train_ref, params_ref, task, self.spec, algorithm_ref,
                                       self.task_loss, state, self.random) for task in tasks]

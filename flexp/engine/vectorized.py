@@ -25,6 +25,7 @@ from flexp.client import ClientResult, ClientTask, LocalSpec, epoch_orders, fail
 from flexp.data import Split
 from flexp.engine import batched_mlp
 from flexp.engine.batched_mlp import BatchedMLP, mlp_layers
+from flexp.engine.path import EnginePath, buffers_why, draws_random_why
 from flexp.engine.threads import ThreadEngine, intra_op_threads
 from flexp.flat import trainable
 from flexp.rng import draws_random
@@ -85,6 +86,8 @@ class VectorizedEngine:
     (engine/batched_mlp.py) use those instead. Results do not depend on any thread count.
     """
 
+    name = "vectorized"
+
     def __init__(self, make_model: Callable[[], nn.Module], train: Split, spec: LocalSpec,
                  group_size: int | None = None, device: torch.device | str = "cpu", workers: int = 1,
                  task_loss: TaskLoss = F.cross_entropy) -> None:
@@ -99,16 +102,24 @@ class VectorizedEngine:
         self.names = [name for name, _ in trainable(self.model)]
         self.shapes = [p.shape for _, p in trainable(self.model)]
         self.dtype = trainable(self.model)[0][1].dtype  # of the weights and losses; inputs may be token ids
-        # vmap can neither draw each client's Dropout masks from its own (seed, round, client) generator nor keep
-        # a lockstep group's padding out of BatchNorm's batch statistics: such models train client by client, on
-        # the thread engine's code, so every engine gives them the same weights.
-        stateful = draws_random(self.model, train.x[:2]) or any(True for _ in self.model.buffers())
-        self.per_client = ThreadEngine(make_model, train, spec, workers, device, task_loss) if stateful else None
-        self.last_path = ""  # "kernel", "generic" or "per-client": which path the last round took
+        self.per_client_why = per_client_why(self.model, train.x[:2])
+        self.per_client = ThreadEngine(make_model, train, spec, workers, device, task_loss) \
+            if self.per_client_why else None
+        self.last_path: EnginePath | None = None  # kernel, vmap or per-client: the path the last round took
 
     def uses_kernel(self, algorithm: Algorithm) -> bool:
         """True when the batched MLP kernel implements this model and algorithm exactly."""
         return self.layers is not None and batched_mlp.supports(self.model, algorithm, self.task_loss)
+
+    def describe(self, algorithm: Algorithm) -> EnginePath:
+        """The path run_round takes for `algorithm`: the batched MLP kernel, torch.func's vmap, or client by client
+        on the thread engine's code; and why."""
+        if self.per_client is not None:
+            return EnginePath("per-client", self.per_client_why)
+        if self.uses_kernel(algorithm):
+            return EnginePath("kernel", "batched MLP kernel")
+        why = batched_mlp.unsupported(self.model, algorithm, self.task_loss)
+        return EnginePath("vmap", "torch.func" + (f": {why}" if why else ""))
 
     def _client_loss(self, algorithm: Algorithm, params: dict[str, torch.Tensor], frozen: State, cstate: Any,
                      x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,11 +198,10 @@ class VectorizedEngine:
         intra-op threads stall. Groups depend on the config alone, so the result never depends on thread counts.
         """
         algorithm = algorithm or Algorithm()
+        self.last_path = self.describe(algorithm)
         if self.per_client is not None:
-            self.last_path = "per-client"
             return self.per_client.run_round(global_params, tasks, algorithm, state)
-        kernel = self.uses_kernel(algorithm)
-        self.last_path = "kernel" if kernel else "generic"
+        kernel = self.last_path.name == "kernel"
         halves = kernel and self.device.type == "cpu"
         size = self.group_size or (math.ceil(len(tasks) / 2) if halves else len(tasks))
         groups = [tasks[i:i + size] for i in range(0, len(tasks), size)]
@@ -216,6 +226,16 @@ class VectorizedEngine:
             self.pool.shutdown(wait=True)
         if self.per_client is not None:
             self.per_client.close()
+
+
+def per_client_why(model: nn.Module, sample: torch.Tensor) -> str:
+    """Why `model` cannot train in a vmapped lockstep group ('' when it can): vmap can neither draw each client's
+    Dropout masks from its own (seed, round, client) generator nor keep a group's padding out of BatchNorm's batch
+    statistics. Such models train client by client, on the thread engine's code, so every engine gives them the
+    same weights."""
+    if draws_random(model, sample):
+        return draws_random_why(model)
+    return buffers_why(model) if any(True for _ in model.buffers()) else ""
 
 
 def has_final(algorithm: Algorithm) -> bool:
