@@ -1,4 +1,4 @@
-"""examples/flexp_examples, the user package of the README's "Bring your own": each piece runs as documented and
+"""examples/flexp_examples, the user package of docs/bring-your-own.md: each piece runs as documented and
 does what its paper says (FedNova is FedAvg at equal step counts, FedDyn with alpha=0 is FedAvg, the fairness
 callback's values by hand, FedDyn resumes bit for bit from a weights_only checkpoint)."""
 
