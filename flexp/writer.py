@@ -44,6 +44,7 @@ class TrackingWriter:
         self.cfg = cfg
         self.run_id: str | None = None
         self.started = False  # a run was started (or reopened) in the store
+        self.asked = False  # `start` was sent: from then on the writer must be let finish
         self.failure: str | None = None
         self.resume_hint = ""  # how to resume the job, told when tracking fails mid-run
         self.replies: queue.Queue[dict[str, Any]] = queue.Queue()
@@ -91,6 +92,7 @@ class TrackingWriter:
 
     def start(self, run_name: str, tags: Mapping[str, str], run_id: str | None = None) -> str:
         """Start (or, given `run_id`, reopen) the run and wait for its id; TrackingError if the store fails."""
+        self.asked = True
         self._send("start", run_name=run_name, tags=dict(tags), run_id=run_id)
         reply = self._answer()
         if "error" in reply:
@@ -134,7 +136,10 @@ class TrackingWriter:
         self.close()
 
     def close(self) -> None:
-        """Let the writer drain and exit; never wait forever on a hung store."""
+        """Let the writer drain and exit; never wait forever on a hung store. A writer never asked to start a run has
+        nothing to write: it is stopped at once, not waited for while it still imports MLflow."""
+        if not self.asked:
+            self.proc.kill()
         if self.proc.stdin is not None and not self.proc.stdin.closed:
             try:
                 self.proc.stdin.close()
