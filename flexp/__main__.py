@@ -146,6 +146,8 @@ def main(cfg: DictConfig) -> float | None:
     except (DataSourceError, AllClientsFailed, ClientFailure, ServerStepFailed) as err:
         fail(" | ".join(str(err).splitlines()), code=1)
     except KeyboardInterrupt:
+        if in_multirun():
+            end_sweep_killed(config)
         fail(interrupted(output_dir, tracker.started), code=interrupt.EXIT_CODE)
     finally:
         tracker.close()
@@ -161,7 +163,16 @@ def interrupted(output_dir: Path, started: bool) -> str:
                 f"python -m flexp resume={output_dir}")
     if started:
         return "interrupted before the first checkpoint: the MLflow run is marked KILLED"
-    return "interrupted before the run started; nothing was logged"
+    return interrupt.NOTHING_LOGGED
+
+
+def end_sweep_killed(config: ExperimentConfig) -> None:
+    """An interrupted sweep stops here: its parent run ends KILLED, not left RUNNING."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from flexp.sweep import end_parent
+
+    end_parent(HydraConfig.get().sweep.dir, config.tracking.uri, config.tracking.experiment, "KILLED")
 
 
 def in_multirun() -> bool:
@@ -222,7 +233,7 @@ def cli() -> None:
     try:
         run_cli(sys.argv[1:])
     except KeyboardInterrupt:
-        fail("interrupted before the run started; nothing was logged", code=interrupt.EXIT_CODE)
+        fail(interrupt.NOTHING_LOGGED, code=interrupt.EXIT_CODE)
 
 
 def run_cli(argv: list[str]) -> None:

@@ -3,11 +3,12 @@
 Python's own Ctrl-C raises KeyboardInterrupt wherever the main thread happens to be: inside an import of torch
 (whose C++ then aborts the process), inside a library that catches it, or not at all when the job was started with
 SIGINT ignored (a background job of a shell script inherits that, and Python keeps it). So the CLI installs its own
-handlers: the first signal only records the request, and the job stops at the next safe point (every local SGD
+handlers. Until the job asks for an MLflow run there is nothing to keep, and a signal exits at once. From then on
+(`keep_run`) the first signal only records the request, and the job stops at the next safe point (every local SGD
 step, evaluation batch, round, data-loading stage and wait polls `check`), raising KeyboardInterrupt there, in the
-main thread or a client's worker thread; the MLflow run then ends KILLED with every round logged so far. A second
-signal exits at once: the tracking process still ends the run KILLED when its pipe closes, and checkpoints are
-written atomically.
+main thread or a client's worker thread; the run then ends KILLED with every round logged so far. A second signal
+exits at once: the tracking process still ends the run KILLED when its pipe closes, and checkpoints are written
+atomically.
 """
 
 from __future__ import annotations
@@ -25,32 +26,47 @@ R = TypeVar("R")
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 EXIT_CODE = 130
+NOTHING_LOGGED = "interrupted before the run started; nothing was logged"
 _requested = threading.Event()
-_installed = False
+_state = {"installed": False, "keep_run": False}
 
 
 def install() -> None:
-    """Handle SIGINT and SIGTERM as stop requests (call from the main thread, before anything slow)."""
-    global _installed
-    for signum in SIGNALS:
-        signal.signal(signum, _on_signal)
-    _installed = True
+    """Handle SIGINT and SIGTERM (call from the main thread, before anything slow): exit at once until `keep_run`."""
+    _handle()
+    _state.update(installed=True, keep_run=False)
+
+
+def keep_run() -> None:
+    """A run is being started: from now on a signal stops the job at its next safe point, so the run ends KILLED."""
+    _state["keep_run"] = True
 
 
 def reclaim() -> None:
     """Take SIGINT and SIGTERM back after a library set its own handlers (ray.init's SIGTERM exits the process,
     leaving the run FAILED), where `install` was called."""
-    if _installed and threading.current_thread() is threading.main_thread():
-        install()
+    if _state["installed"] and threading.current_thread() is threading.main_thread():
+        _handle()
+
+
+def _handle() -> None:
+    for signum in SIGNALS:
+        signal.signal(signum, _on_signal)
 
 
 def _on_signal(signum: int, frame: object) -> None:
+    if not _state["keep_run"]:
+        _exit_now(NOTHING_LOGGED)
     if _requested.is_set():
-        print("flexp: stopped at once (second interrupt)", file=sys.stderr, flush=True)
-        os._exit(EXIT_CODE)
+        _exit_now("stopped at once (second interrupt); the run is marked KILLED")
     _requested.set()
     print(f"flexp: {signal.Signals(signum).name} received: stopping at the next step (again to stop at once)",
           file=sys.stderr, flush=True)
+
+
+def _exit_now(message: str) -> None:
+    print(f"flexp: error: {message}", file=sys.stderr, flush=True)
+    os._exit(EXIT_CODE)
 
 
 def requested() -> bool:

@@ -32,7 +32,10 @@ class ParentRunCallback(Callback):
     """Creates the sweep's parent MLflow run on multirun start and ends it on multirun end."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from flexp import interrupt
         from flexp.tracking import open_experiment, retrying
+
+        interrupt.keep_run()  # the parent run is ended KILLED by an interrupt (end_parent), not left RUNNING
 
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -48,11 +51,16 @@ class ParentRunCallback(Callback):
         log.info("sweep %s: parent MLflow run %s", sweep_id(sweep_dir), run.info.run_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from flexp.tracking import open_experiment, retrying
+        end_parent(config.hydra.sweep.dir, config.tracking.uri, config.tracking.experiment, "FINISHED")
+        log.info("sweep %s done: python -m flexp.report %s", sweep_id(config.hydra.sweep.dir),
+                 sweep_id(config.hydra.sweep.dir))
 
-        run_id = parent_run_id(config.hydra.sweep.dir)
-        if run_id:
-            client, _ = open_experiment(config.tracking.uri, config.tracking.experiment)
-            retrying(client.set_terminated)(run_id, "FINISHED")
-            log.info("sweep %s done: python -m flexp.report %s", sweep_id(config.hydra.sweep.dir),
-                     sweep_id(config.hydra.sweep.dir))
+
+def end_parent(sweep_dir: str | Path, uri: str, experiment: str, status: str) -> None:
+    """End the sweep's parent run (if it has one) with `status`."""
+    from flexp.tracking import open_experiment, retrying
+
+    run_id = parent_run_id(sweep_dir)
+    if run_id:
+        client, _ = open_experiment(uri, experiment)
+        retrying(client.set_terminated)(run_id, status)

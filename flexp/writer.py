@@ -93,6 +93,7 @@ class TrackingWriter:
     def start(self, run_name: str, tags: Mapping[str, str], run_id: str | None = None) -> str:
         """Start (or, given `run_id`, reopen) the run and wait for its id; TrackingError if the store fails."""
         self.asked = True
+        interrupt.keep_run()
         self._send("start", run_name=run_name, tags=dict(tags), run_id=run_id)
         reply = self._answer()
         if "error" in reply:

@@ -112,6 +112,7 @@ def flexp_handlers():
     before = {s: signal.getsignal(s) for s in interrupt.SIGNALS}
     CALLS.clear()
     interrupt.install()
+    interrupt.keep_run()  # as once a run is asked for (before, a signal exits the process at once)
     yield
     interrupt.reset()
     for s, handler in before.items():
@@ -189,11 +190,11 @@ def start_job(store: Path, args: list[str]) -> subprocess.Popen:
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
 
 
-@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
-def test_the_cli_stops_on_a_signal_under_load_with_exit_130_and_a_killed_run(store, signum):
+@pytest.mark.parametrize("signum, sweep", [("SIGINT", []), ("SIGTERM", ["-m", "fl.lr=0.1,0.2"])])
+def test_the_cli_stops_on_a_signal_under_load_with_exit_130_and_a_killed_run(store, signum, sweep):
     load = busy()
     try:
-        proc = start_job(store, [*SMALL, "fl.rounds=100000"])
+        proc = start_job(store, [*sweep, *SMALL, "fl.rounds=100000"])
         seen = []
         for line in proc.stdout:
             seen.append(line)
@@ -207,8 +208,9 @@ def test_the_cli_stops_on_a_signal_under_load_with_exit_130_and_a_killed_run(sto
     assert "interrupted: the MLflow run is marked KILLED" in rest and "Traceback" not in rest
     assert "resume=" in rest
     client = mlflow_client(store)
-    (run,) = client.search_runs([client.get_experiment_by_name("flexp").experiment_id])
-    assert run.info.status == "KILLED", "".join(seen)
+    runs = client.search_runs([client.get_experiment_by_name("flexp").experiment_id])
+    assert [r.info.status for r in runs] == ["KILLED"] * (1 + bool(sweep)), "".join(seen)  # a sweep's parent too
+    (run,) = [r for r in runs if "flexp.sweep_parent" not in r.data.tags]
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "test_accuracy")]
     assert steps[:3] == [1, 2, 3] and steps == list(range(1, len(steps) + 1))
 
