@@ -148,7 +148,7 @@ def main(cfg: DictConfig) -> float | None:
     except KeyboardInterrupt:
         if in_multirun():
             end_sweep_killed(config)
-        fail(interrupted(output_dir, tracker.started), code=interrupt.EXIT_CODE)
+        fail(interrupted(output_dir, tracker.asked), code=interrupt.EXIT_CODE)
     finally:
         tracker.close()
     return result.summary().get("best_test_accuracy")
@@ -162,7 +162,7 @@ def interrupted(output_dir: Path, started: bool) -> str:
         return (f"interrupted: the MLflow run is marked KILLED and keeps the rounds logged so far; continue it with "
                 f"python -m flexp resume={output_dir}")
     if started:
-        return "interrupted before the first checkpoint: the MLflow run is marked KILLED"
+        return "interrupted before the first round ended: the MLflow run is marked KILLED"
     return interrupt.NOTHING_LOGGED
 
 

@@ -147,10 +147,22 @@ class TrackingWriter:
             except OSError:
                 pass
         try:
-            self.proc.wait(timeout=FINISH_TIMEOUT_S)
+            self._wait()
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self._failed(f"the tracking process did not finish in {FINISH_TIMEOUT_S:.0f} s and was stopped")
+
+
+    def _wait(self) -> None:
+        """Wait for the writer to exit, saying why when a stopping job waits for it (it may still be importing
+        MLflow): a second Ctrl-C leaves it to end the run KILLED on its own."""
+        try:
+            self.proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            if interrupt.requested():
+                print("flexp: waiting for the tracking process to mark the run KILLED (Ctrl-C again leaves that to "
+                      "it)", file=sys.stderr, flush=True)
+            self.proc.wait(timeout=FINISH_TIMEOUT_S)
 
 
 def one_line(err: BaseException) -> str:
