@@ -44,7 +44,7 @@ def test_paper_numbers_only_where_the_setting_matches():
     assert paper_rounds("2nn", "iid", 1, 10, 0.1, 0.97) == 87
     assert paper_rounds("cnn", "shards", 5, 10, 0.1, 0.99, "table2") == 229
     assert paper_rounds("cnn", "shards", 5, 10, 0.1, 0.99, "table1") == 206
-    assert paper_rounds("2nn", "iid", 1, None, 0.5, 0.97) == "-"
+    assert paper_rounds("2nn", "iid", 1, None, 0.5, 0.97) == "—"
     assert paper_rounds("2nn", "iid", 1, 10, 0.1, 0.92) == ""
     assert paper_rounds("logreg", "iid", 1, 10, 0.1, 0.97) == ""
 
