@@ -5,6 +5,8 @@ Hydra and everything heavier are imported inside functions, after `cli` has take
 
 from __future__ import annotations
 
+import os
+import shlex
 import sys
 
 from flexp import interrupt
@@ -264,6 +266,12 @@ def output_dir_of_run(run_id: str, config: ExperimentConfig) -> Path:
     return directory
 
 
+def command_line(argv: list[str]) -> str:
+    """The command as the user typed it, quoted for a shell: `python -m flexp ARGS` or `flexp ARGS`."""
+    program = "python -m flexp" if Path(argv[0]).name == "__main__.py" else Path(argv[0]).name
+    return " ".join([program, *map(shlex.quote, argv[1:])])
+
+
 def cli() -> None:
     """The `flexp` command and `python -m flexp`: take over Ctrl-C and SIGTERM, check the command line in one line
     each, then run Hydra."""
@@ -278,10 +286,13 @@ def run_cli(argv: list[str]) -> None:
     """The command line's checks, then Hydra's main (one job, or a sweep with -m)."""
     import hydra
 
+    from flexp.tracking import SOURCE_ENV
+
     check_command_line(argv)
     warn_resume_overrides(argv)
     if "--help" in argv or "-h" in argv:
         print(usage(search_dirs(argv)))
+    os.environ[SOURCE_ENV] = command_line(sys.argv)   # each run's MLflow Source, in whichever process logs it
     sys.argv[1:] = with_sweeps_on_search_path(forcing_known_keys(argv))
     interrupt.check()
     hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(main)()

@@ -9,7 +9,8 @@ import shutil
 import pytest
 from conftest import ROOT, SMALL, mlflow_client, run_cli
 
-from flexp.tracking import KIND, KIND_TAG, open_experiment
+from flexp.config import TrackingConfig
+from flexp.tracking import API_SOURCE, KIND, KIND_TAG, SOURCE_ENV, MlflowTracker, open_experiment
 from flexp.ui import injecting
 
 
@@ -46,6 +47,21 @@ def test_experiments_get_the_machine_learning_kind_unless_they_have_one(store):
         open_experiment(f"sqlite:///{store / 'mlflow.db'}", name)
     kinds = {name: client.get_experiment_by_name(name).tags.get(KIND_TAG) for name in ("bare", "chosen", "new")}
     assert kinds == {"bare": KIND, "chosen": "genai_development", "new": KIND}
+
+
+def test_a_runs_source_is_the_command_that_made_it_or_the_python_api(store, monkeypatch):
+    """The runs table's Source: MLflow would name the file of the process that logs (flexp's writer)."""
+    client = mlflow_client(store)
+    cfg = TrackingConfig(uri=f"sqlite:///{store / 'mlflow.db'}", experiment="src")
+    monkeypatch.setenv(SOURCE_ENV, "python -m flexp +experiment=mnist_iid fl.lr=0.1")
+    sources = []
+    for source in (None, API_SOURCE):
+        tracker = MlflowTracker(cfg, source)
+        run_id = tracker.start("r", {"flexp.overrides": "fl.lr=0.1"})
+        tracker.finish()
+        tags = client.get_run(run_id).data.tags
+        sources.append((tags["mlflow.source.name"], tags["mlflow.source.type"]))
+    assert sources == [("python -m flexp +experiment=mnist_iid fl.lr=0.1", "LOCAL"), (API_SOURCE, "LOCAL")]
 
 
 def _served(content_type: bytes, chunks: list[bytes], method: str = "GET") -> tuple[dict, bytes]:

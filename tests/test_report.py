@@ -1,5 +1,7 @@
 """Rounds-to-target, speedups and the sweep report, on hand-made histories and on a real tiny sweep."""
 
+import shlex
+
 import pandas as pd
 import pytest
 from conftest import SMALL, mlflow_client, run_cli
@@ -50,8 +52,9 @@ def test_paper_numbers_only_where_the_setting_matches():
 
 
 def test_tiny_sweep_gives_one_parent_four_children_and_a_four_row_report(store):
-    proc = run_cli(["-m", *SMALL, "fl.rounds=4", "fl.target_accuracy=0.3", "fl.clients=5,10",
-                    "fl.fraction=0.2,1.0", "+report.reference={fl.fraction: 0.2}"], store)
+    args = ["-m", *SMALL, "fl.rounds=4", "fl.target_accuracy=0.3", "fl.clients=5,10", "fl.fraction=0.2,1.0",
+            "+report.reference={fl.fraction: 0.2}"]
+    proc = run_cli(args, store)
     assert proc.returncode == 0, proc.stderr
     client = mlflow_client(store)
     runs = client.search_runs([client.get_experiment_by_name("flexp").experiment_id])
@@ -66,6 +69,8 @@ def test_tiny_sweep_gives_one_parent_four_children_and_a_four_row_report(store):
     combos = {(c.data.params["fl.clients"], c.data.params["fl.fraction"]) for c in children}
     assert combos == {("5", "0.2"), ("5", "1.0"), ("10", "0.2"), ("10", "1.0")}
     assert all(c.info.status == "FINISHED" for c in children)
+    assert {(c.data.tags["mlflow.source.name"], c.data.tags["mlflow.source.type"]) for c in children} == {
+        (f"python -m flexp {shlex.join(args)}", "LOCAL")}   # the command, not the writer process's file
     assert sorted(c.data.metrics["clients"] for c in children) == [1, 2, 5, 10]
 
     out = report(sweep, store / "reports", f"sqlite:///{store / 'mlflow.db'}")
