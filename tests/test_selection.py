@@ -162,7 +162,7 @@ def test_report_merges_two_sweeps_of_one_experiment_by_ids_or_by_its_name(tmp_pa
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
-    experiment = client.create_experiment("table1_2nn")
+    experiment = client.create_experiment("table1_2nn", artifact_location=(tmp_path / "artifacts").as_uri())
     parents = [log_sweep(client, experiment, "day1", "iid", {"0.1": 80, "0.215": 90}),
                log_sweep(client, experiment, "day2", "shards", {"0.1": 700, "0.0464": 650})]
     assert main(["day1", "day2", "--tracking-uri", uri, "--out", str(tmp_path), "--name", "t1"]) == 0
