@@ -150,8 +150,24 @@ class MlflowTracker:
         else:
             run = retrying(mlflow.start_run)(experiment_id=self.experiment_id, run_name=run_name,
                                              tags={**source_tags(self.source), **tags})
+            self.show_knobs(tags.get("flexp.overrides", ""))
         self.run_id = run.info.run_id
         return self.run_id
+
+    def show_knobs(self, overrides: str) -> None:
+        """Add this run's knobs to the experiment's saved view (flexp.ui); a store that refuses it costs no run."""
+        from mlflow.tracking import MlflowClient
+
+        from flexp.ui import VIEW_TAG, saved_view
+
+        client = MlflowClient(tracking_uri=self.cfg.uri)
+        try:
+            experiment = retrying(client.get_experiment)(self.experiment_id)
+            value = saved_view(experiment.tags.get(VIEW_TAG), overrides, int(time.time() * 1000))
+            if value is not None:
+                retrying(client.set_experiment_tag)(self.experiment_id, VIEW_TAG, value)
+        except Exception as err:  # the view is a convenience; the run goes on without it
+            log.warning("could not update the experiment's saved view %s: %s", VIEW_TAG, err)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         import mlflow

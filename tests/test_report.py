@@ -1,5 +1,6 @@
 """Rounds-to-target, speedups and the sweep report, on hand-made histories and on a real tiny sweep."""
 
+import json
 import shlex
 
 import pandas as pd
@@ -9,6 +10,7 @@ from conftest import SMALL, mlflow_client, run_cli
 from flexp.metrics import interpolated_rounds_to_target
 from flexp.paper import paper_rounds
 from flexp.report import add_speedups, report, summarise
+from flexp.ui import VIEW_TAG
 
 
 def test_interpolated_rounds_to_target_follows_the_papers_recipe():
@@ -71,6 +73,9 @@ def test_tiny_sweep_gives_one_parent_four_children_and_a_four_row_report(store):
     assert all(c.info.status == "FINISHED" for c in children)
     assert {(c.data.tags["mlflow.source.name"], c.data.tags["mlflow.source.type"]) for c in children} == {
         (f"python -m flexp {shlex.join(args)}", "LOCAL")}   # the command, not the writer process's file
+    view = json.loads(client.get_experiment_by_name("flexp").tags[VIEW_TAG])
+    assert {"params.`fl.clients`", "params.`fl.fraction`", "metrics.`best_test_accuracy`"} <= set(
+        json.loads(view["state"])["selectedColumns"])
     assert sorted(c.data.metrics["clients"] for c in children) == [1, 2, 5, 10]
 
     out = report(sweep, store / "reports", f"sqlite:///{store / 'mlflow.db'}")
