@@ -12,7 +12,7 @@ from conftest import ROOT, SMALL, mlflow_client, run_cli
 
 from flexp.config import TrackingConfig
 from flexp.tracking import API_SOURCE, KIND, KIND_TAG, SOURCE_ENV, MlflowTracker, open_experiment
-from flexp.ui import VIEW_NAME, VIEW_TAG, injecting, saved_view, view_route
+from flexp.ui import VIEW_NAME, injecting, saved_view, view_route
 
 
 def _ui_module():

@@ -18,9 +18,9 @@ from flexp.data.mnist import (
     PYPI_WHEEL_SHA256,
     DataSourceError,
     ensure_mnist_raw,
-    loaded_line,
     idx_files_from_wheel,
     load_mnist,
+    loaded_line,
 )
 
 
