@@ -5,6 +5,8 @@ Hydra and everything heavier are imported inside functions, after `cli` has take
 
 from __future__ import annotations
 
+import os
+import shlex
 import sys
 
 from flexp import interrupt
@@ -28,6 +30,10 @@ if TYPE_CHECKING:
 GROUPS = ("dataset", "model", "partition", "engine", "tracking", "experiment", "sweep", "strategy")
 PRESETS = ("experiment", "sweep")
 OWN_PRIMARY_FLAGS = ("--config-name", "-cn", "--config-path", "-cp")
+MULTIRUN_FLAGS = ("-m", "--multirun")
+CFG_FLAGS = ("-c", "--cfg")
+VALUE_FLAGS = (*OWN_PRIMARY_FLAGS, *CFG_FLAGS, "--config-dir", "-cd", "--package", "-p", "--info", "-i",
+               "--experimental-rerun")
 log = logging.getLogger("flexp")
 
 
@@ -58,6 +64,51 @@ def check_group_choices(argv: list[str]) -> None:
         for option in value.split(","):
             if option and option not in known:
                 fail(f"{name}={option!r}: unknown {name}; choose one of {', '.join(known)}")
+
+
+def sweep_overrides(argv: list[str]) -> list[str]:
+    """The overrides Hydra reads as several values (`a,b`, `range(..)`, `choice(..)`, `glob(..)`, ...); a list
+    `[a,b]`, a quoted `'a,b'` or an interpolation is one value. A flag's own value (`-cd DIR`) is no override."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser, found = OverridesParser.create(), []
+    for before, arg in zip(["", *argv], argv):
+        if arg.startswith("-") or "=" not in arg or before in VALUE_FLAGS:
+            continue
+        try:
+            if parser.parse_override(arg).is_sweep_override():
+                found.append(arg)
+        except HydraException:
+            continue
+    return found
+
+
+def asks_for_multirun(argv: list[str], sweeps: list[str]) -> bool:
+    """-m, hydra.mode=MULTIRUN, or one +sweep= preset (flexp's set hydra.mode: MULTIRUN) make Hydra run a sweep."""
+    return bool(set(MULTIRUN_FLAGS) & set(argv)) or any(
+        a == "hydra.mode=MULTIRUN" or (a.lstrip("+").startswith("sweep=") and a not in sweeps) for a in argv)
+
+
+def shows_config(argv: list[str]) -> bool:
+    """--cfg: Hydra prints one job's config and runs nothing."""
+    return any(a in CFG_FLAGS or a.startswith("--cfg=") for a in argv)
+
+
+def check_sweeps(argv: list[str]) -> None:
+    """Refuse several values for a key where Hydra runs one job (no -m, or --cfg), before it prints a page."""
+    sweeps, shows_one = sweep_overrides(argv), shows_config(argv)
+    if sweeps and (shows_one or not asks_for_multirun(argv, sweeps)):
+        fix = "--cfg shows one job's config, so give it one value" if shows_one else "add -m to run one job per value"
+        fail(f"{sweeps[0]} is a sweep (several values): {fix}")
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Every check on the command line itself, each stopping with one line before Hydra runs."""
+    if set(MULTIRUN_FLAGS) & set(argv) and shows_config(argv):
+        fail("--cfg shows one job's config: drop -m (Hydra prints one config at a time)")
+    check_group_choices(argv)
+    check_sweeps(argv)
 
 
 def forcing_known_keys(argv: list[str]) -> list[str]:
@@ -226,6 +277,12 @@ def output_dir_of_run(run_id: str, config: ExperimentConfig) -> Path:
     return directory
 
 
+def command_line(argv: list[str]) -> str:
+    """The command as the user typed it, quoted for a shell: `python -m flexp ARGS` or `flexp ARGS`."""
+    program = "python -m flexp" if Path(argv[0]).name == "__main__.py" else Path(argv[0]).name
+    return " ".join([program, *map(shlex.quote, argv[1:])])
+
+
 def cli() -> None:
     """The `flexp` command and `python -m flexp`: take over Ctrl-C and SIGTERM, check the command line in one line
     each, then run Hydra."""
@@ -240,12 +297,13 @@ def run_cli(argv: list[str]) -> None:
     """The command line's checks, then Hydra's main (one job, or a sweep with -m)."""
     import hydra
 
-    if {"-m", "--multirun"} & set(argv) and any(a in ("-c", "--cfg") or a.startswith("--cfg=") for a in argv):
-        fail("--cfg shows one job's config: drop -m (Hydra prints one config at a time)")
-    check_group_choices(argv)
+    from flexp.tracking import SOURCE_ENV
+
+    check_command_line(argv)
     warn_resume_overrides(argv)
     if "--help" in argv or "-h" in argv:
         print(usage(search_dirs(argv)))
+    os.environ[SOURCE_ENV] = command_line(sys.argv)   # each run's MLflow Source, in whichever process logs it
     sys.argv[1:] = with_sweeps_on_search_path(forcing_known_keys(argv))
     interrupt.check()
     hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(main)()

@@ -185,10 +185,10 @@ def run(cfg: DictConfig | Mapping[str, Any] | ExperimentConfig, *, tracking: boo
     ready = prepare(config)
     inner = rivals = None
     if tracking:
-        from flexp.tracking import MlflowTracker, quiet_mlflow, rival_lookup
+        from flexp.tracking import API_SOURCE, MlflowTracker, quiet_mlflow, rival_lookup
 
         quiet_mlflow()
-        inner = MlflowTracker(config.tracking)
+        inner = MlflowTracker(config.tracking, source=API_SOURCE)
         rivals = partial(rival_lookup, config.tracking)
     tracker = InProcessTracker(inner)
     text = OmegaConf.to_yaml(cfg) if isinstance(cfg, DictConfig) else OmegaConf.to_yaml(dict(config.raw))

@@ -29,6 +29,7 @@ for (_e, _b), (_iid, _non) in {
     TABLE2[("cnn", NONIID, _e, _b, 0.1)] = _non
 
 TARGETS = {"2nn": 0.97, "cnn": 0.99}
+NOT_REACHED = "—"   # the paper's mark for a target not reached; flexp's tables use it for their runs too
 
 
 TABLES = {"table1": TABLE1, "table2": TABLE2}
@@ -36,14 +37,14 @@ TABLES = {"table1": TABLE1, "table2": TABLE2}
 
 def paper_rounds(model: str, partition: str, epochs: int, batch: int | None, fraction: float,
                  target: float | None, table: str | None = None) -> int | str:
-    """The paper's rounds for this setting ('-' where it never reached the target), or '' if it has none."""
+    """The paper's rounds for this setting (NOT_REACHED where it never reached the target), or '' if it has none."""
     if target is None or abs(target - TARGETS.get(model, -1)) > 1e-9:
         return ""
     key = (model, partition, epochs, batch, round(fraction, 3))
     for name in ([table] if table in TABLES else TABLES):
         table_ = TABLES[name]
         if key in table_:
-            return table_[key] if table_[key] is not None else "-"
+            return table_[key] if table_[key] is not None else NOT_REACHED
     return ""
 
 

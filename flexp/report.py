@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from flexp.metrics import interpolated_rounds_to_target, rounds_to_target
-from flexp.paper import paper_missing, paper_rounds, percent
+from flexp.paper import NOT_REACHED, paper_missing, paper_rounds, percent
 from flexp.selection import LR, best_rates, cell_keys, is_lr_grid, rates_table, unreached
 
 KEYS = ("model.name", "partition.name", "dataset.name", "fl.clients", "fl.fraction", "fl.local_epochs",
@@ -169,7 +169,7 @@ def implied(frame: pd.DataFrame, key: str, by: list[str]) -> bool:
 
 
 def with_paper(frame: pd.DataFrame, target: float | None, table: str | None) -> pd.DataFrame:
-    """Adds `paper` (the paper's rounds, '-' never reached, '' none) and `paper_note` (why there is none)."""
+    """Adds `paper` (the paper's rounds, NOT_REACHED never reached, '' none) and `paper_note` (why there is none)."""
     papers, notes = [], []
     for r in frame.to_dict("records"):
         setting = (str(r.get("model.name", "")), str(r.get("partition.name", "")),
@@ -194,30 +194,56 @@ def paper_notes(frame: pd.DataFrame) -> str:
     return "".join(f"\n{note}\n" for note in dict.fromkeys(frame["paper_note"]) if note)
 
 
+def has_paper(frame: pd.DataFrame) -> bool:
+    """True when some row has the paper's number (rounds, or its mark for not reached) beside it."""
+    return "paper" in frame and any(p not in ("", None) and pd.notna(p) for p in frame["paper"])
+
+
+MARKS = {">": ">N: pruned after N rounds, once another rate had reached the target in fewer (fl.prune)",
+         "×": "×: diverged", "…": "…N: running (or its process died) after N rounds",
+         NOT_REACHED: f"{NOT_REACHED}: not reached in the budget"}
+
+
+def unreached_marks(frame: pd.DataFrame) -> list[str]:
+    """The mark of each run that did not reach the target (see selection.unreached)."""
+    missing = frame.loc[frame["rounds_to_target_interp"].isna()]
+    if "stopped" not in frame or "rounds" not in frame:
+        return [NOT_REACHED] * len(missing)
+    return [unreached(r) for _, r in missing.iterrows()]
+
+
+def marks_legend(marks: list[str]) -> str:
+    """What the marks that appear mean, '; '-separated ('' when none does)."""
+    return "; ".join(text for mark, text in MARKS.items() if any(m.startswith(mark) for m in marks))
+
+
 def markdown(frame: pd.DataFrame, varying: list[str], target: float | None) -> str:
-    """The table as Markdown: varying keys, then results (rounds-to-target as in the paper, interpolated)."""
+    """The table as Markdown: varying keys, then results (rounds-to-target as in the paper, interpolated), the
+    paper's number where some run has one, and a legend of the marks for a target not reached."""
+    reached = f"rounds to {percent(target)}" if target else "rounds to target"
     shown = frame[[*varying, "best_accuracy", "final_accuracy", "rounds", "rounds_to_target_interp", "speedup",
-                   "paper"]].copy()
-    shown["paper"] = [p if p != "" or not n else "n/a" for p, n in zip(frame["paper"], frame["paper_note"])]
+                   *(["paper"] if has_paper(frame) else [])]].copy()
+    if "paper" in shown:
+        shown["paper"] = [p if p != "" or not n else "n/a" for p, n in zip(frame["paper"], frame["paper_note"])]
     if "fl.batch_size" in shown:
         shown["fl.batch_size"] = shown["fl.batch_size"].map(lambda b: shown_value("fl.batch_size", b))
-    reached = f"rounds to {target:g}" if target else "rounds to target"
     shown = shown.rename(columns={"rounds_to_target_interp": reached})
     shown = shown[[c for c in shown.columns if shown[c].notna().any() or (c == reached and target)]]
     for key in varying:
-        shown[key] = shown[key].map(lambda v: "—" if pd.isna(v) else v)
+        shown[key] = shown[key].map(lambda v: "n/a" if pd.isna(v) else v)
     for col in ("best_accuracy", "final_accuracy"):
         shown[col] = shown[col].map(lambda v: f"{v:.4f}" if pd.notna(v) else "")
-    marks = frame.apply(unreached, axis=1) if "stopped" in frame and "rounds" in frame else pd.Series("-", frame.index)
-    for col in [c for c in shown.columns if c.startswith("rounds to")]:
-        shown[col] = [f"{v:.1f}" if pd.notna(v) else mark for v, mark in zip(shown[col], marks)]
+    if reached in shown:
+        marks = iter(unreached_marks(frame))
+        shown[reached] = [next(marks) if pd.isna(v) else f"{v:.1f}" for v in shown[reached]]
     if "speedup" in shown:
         shown["speedup"] = shown["speedup"].map(lambda v: f"{v:.1f}x" if pd.notna(v) else "")
     head = "| " + " | ".join(shown.columns) + " |\n|" + "---|" * len(shown.columns) + "\n"
     body = "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in shown.itertuples(index=False))
-    legend = ("\nNot reached: >N pruned after N rounds (fl.prune), × diverged, …N running or died after N rounds, "
-              "- not in the budget.\n" if (marks != "-").any() else "")
-    return head + body + legend + paper_notes(frame)
+    paper_missed = "paper" in shown and (shown["paper"] == NOT_REACHED).any()
+    legend = "; ".join(filter(None, [marks_legend(unreached_marks(frame)) if reached in shown else "",
+                                     f"paper {NOT_REACHED}: the paper did not reach it" if paper_missed else ""]))
+    return head + body + (f"\n{legend}.\n" if legend else "")
 
 
 PARTITIONS = {"iid": "IID", "shards": "non-IID"}   # as the paper's column titles
@@ -290,7 +316,7 @@ def in_paper_order(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 def layout_cell(r: Mapping[str, object]) -> str:
     """'87.3 (3.6x) [87; 1.00] η 0.1†': rounds, speedup, the paper's rounds and ours/paper, the chosen rate."""
     rounds = r["rounds_to_target_interp"]
-    text = "—" if pd.isna(rounds) else f"{rounds:.1f}"
+    text = NOT_REACHED if pd.isna(rounds) else f"{rounds:.1f}"
     if pd.notna(r.get("speedup")) and pd.notna(rounds):
         text += f" ({r['speedup']:.1f}x)"
     if r.get("paper") not in ("", None) and pd.notna(r.get("paper")):
@@ -438,8 +464,8 @@ def report(keys: str | list[str], out_root: Path = Path("outputs/reports"), trac
 
 def tables(frame: pd.DataFrame, varying: list[str], reference: Mapping[str, object],
            target: float | None) -> tuple[str, pd.DataFrame, list[str]]:
-    """The report's Markdown; the rows it plots (the best rate per setting on a learning-rate grid, else every
-    run) and the keys that label them."""
+    """The report's Markdown, each table under a caption naming only what it holds; the rows it plots (the best
+    rate per setting on a learning-rate grid, else every run) and the keys that label them."""
     reached = f"Rounds to {percent(target)}" if target else "Rounds to target"
     against = (f"speedup against {', '.join(f'{k} = {v}' for k, v in reference.items())} in the same column"
                if reference else "no speedups (the sweep names no report.reference row)")
@@ -449,26 +475,34 @@ def tables(frame: pd.DataFrame, varying: list[str], reference: Mapping[str, obje
                           else best_rates(frame, cells).assign(speedup=None))
         edges = best.loc[best["lr_edge"] & best["reached"]]
         rows = [*(k for k in reference if k not in cells and k in best), *cells]   # C is the rows even if fixed
-        text = (f"{reached}, best learning rate per setting (fewest interpolated rounds; ties to the smaller rate; "
-                f"'—' where no rate reached the target); {against}; [the paper's rounds; ours/paper]; η the "
-                f"chosen rate, † at an edge of the rates tried:\n\n{paper_layout(best, rows, reference)}"
-                f"{paper_notes(best)}")
+        none_reached = f"; {NOT_REACHED}: no rate reached the target" if not best["reached"].all() else ""
+        text = (f"{reached}, best learning rate per setting (fewest interpolated rounds; ties to the smaller rate"
+                f"{none_reached}); {against}{paper_caption(best)}; η the chosen rate, † at an edge of the rates "
+                f"tried:\n\n{paper_layout(best, rows, reference)}")
         if len(edges):
             text += "\nBest rate at an edge of the grid (widen it there): " + "; ".join(
                 " ".join(filter(None, (column_title(cells, tuple(r[k] for k in cells)), f"η={number(r[LR]):g}")))
                 for r in edges.to_dict("records")) + "\n"
-        text += (f"\nEvery learning rate tried (rounds to {percent(target) if target else 'target'}; "
-                 f"bold: chosen; >N: pruned after N rounds, once another rate had reached the target in fewer "
-                 f"(fl.prune); ×: diverged; …N: running (or its process died) after N rounds; -: not reached in the "
-                 f"budget):\n\n"
+        legend = marks_legend(unreached_marks(frame))
+        text += (f"\nEvery learning rate tried ({reached.lower()}; bold: chosen{'; ' if legend else ''}{legend}):\n\n"
                  f"{rates_table(in_paper_order(frame, cells), cells, shown_value)}\nAll runs:\n\n"
                  f"{markdown(frame, varying, target)}")
-        return text, best, [*cells, LR]
+        return text + paper_notes(frame), best, [*cells, LR]
     layout = paper_layout(with_ratio(frame), varying, reference)
     text = markdown(frame, varying, target)
     if layout:
-        text = f"{reached} (paper's interpolation; {against}; [the paper]):\n\n{layout}\nAll runs:\n\n{text}"
-    return text, frame, varying
+        missed = f"{NOT_REACHED}: not reached; " if frame["rounds_to_target_interp"].isna().any() else ""
+        text = (f"{reached}, interpolated between evaluations as the paper does ({missed}{against}"
+                f"{paper_caption(frame)}):\n\n{layout}\nAll runs:\n\n{text}")
+    return text + paper_notes(frame), frame, varying
+
+
+def paper_caption(frame: pd.DataFrame) -> str:
+    """The caption's part on the paper's numbers in brackets, where some cell has one."""
+    if not has_paper(frame):
+        return ""
+    missed = f" ({NOT_REACHED}: it did not reach the target)" if (frame["paper"] == NOT_REACHED).any() else ""
+    return f"; [the paper's rounds{missed}; ours/paper]"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import pandas as pd
 
+from flexp.paper import NOT_REACHED
+
 LR = "fl.lr"
 NOT_CELL = (LR, "fl.rounds", "fl.eval_every")   # the tuned rate and the budget: they do not name a setting
 
@@ -59,11 +61,11 @@ def settled(runs: pd.DataFrame) -> pd.DataFrame:
 
 def unreached(run: pd.Series) -> str:
     """A rate that did not reach the target: '>N' pruned after N rounds, '×' diverged, '…N' running (or its process
-    died: resume it) after N rounds, '-' not in its budget."""
+    died: resume it) after N rounds, NOT_REACHED ('—') not in its budget."""
     why = run.get("stopped", "")
     if why in ("running", "killed"):
         return f"…{int(run['rounds'])}"
-    return f">{int(run['rounds'])}" if why == "pruned" else "×" if why == "diverged" else "-"
+    return f">{int(run['rounds'])}" if why == "pruned" else "×" if why == "diverged" else NOT_REACHED
 
 
 def rates_table(frame: pd.DataFrame, cells: list[str], fmt: Callable[[str, object], str] = lambda k, v: str(v)) -> str:

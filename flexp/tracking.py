@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import random
 import time
 import warnings
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 PARAM_LIMIT = 6000
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"  # MLflow 3: "Machine learning", not GenAI
+SOURCE_ENV = "FLEXP_COMMAND"   # the command line, set by the CLI and inherited by the writer and launcher processes
+API_SOURCE = "flexp.run (Python API)"
 T = TypeVar("T")
 
 
@@ -58,6 +61,13 @@ def quiet_mlflow() -> None:
     import mlflow  # noqa: F401  (it configures its logger on import)
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
+def source_tags(source: str | None = None) -> dict[str, str]:
+    """MLflow's Source of a run (its runs table shows it): the command that made it, `source` or else $FLEXP_COMMAND;
+    MLflow would name the file of the process that logs it (flexp's writer). Empty when neither is known."""
+    source = source or os.environ.get(SOURCE_ENV)
+    return {"mlflow.source.name": source[:8000], "mlflow.source.type": "LOCAL"} if source else {}
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -116,8 +126,9 @@ def sqlite_path(uri: str) -> Path | None:
 class MlflowTracker:
     """Starts, feeds and ends one MLflow run; artifacts of a sqlite store go beside its database."""
 
-    def __init__(self, cfg: TrackingConfig) -> None:
+    def __init__(self, cfg: TrackingConfig, source: str | None = None) -> None:
         self.cfg = cfg
+        self.source = source
         self.run_id: str | None = None
         self.experiment_id: str | None = None
 
@@ -137,9 +148,26 @@ class MlflowTracker:
         if run_id is not None:
             run = retrying(mlflow.start_run)(run_id=run_id)
         else:
-            run = retrying(mlflow.start_run)(experiment_id=self.experiment_id, run_name=run_name, tags=dict(tags))
+            run = retrying(mlflow.start_run)(experiment_id=self.experiment_id, run_name=run_name,
+                                             tags={**source_tags(self.source), **tags})
+            self.show_knobs(tags.get("flexp.overrides", ""))
         self.run_id = run.info.run_id
         return self.run_id
+
+    def show_knobs(self, overrides: str) -> None:
+        """Add this run's knobs to the experiment's saved view (flexp.ui); a store that refuses it costs no run."""
+        from mlflow.tracking import MlflowClient
+
+        from flexp.ui import VIEW_TAG, saved_view
+
+        client = MlflowClient(tracking_uri=self.cfg.uri)
+        try:
+            experiment = retrying(client.get_experiment)(self.experiment_id)
+            value = saved_view(experiment.tags.get(VIEW_TAG), overrides, int(time.time() * 1000))
+            if value is not None:
+                retrying(client.set_experiment_tag)(self.experiment_id, VIEW_TAG, value)
+        except Exception as err:  # the view is a convenience; the run goes on without it
+            log.warning("could not update the experiment's saved view %s: %s", VIEW_TAG, err)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         import mlflow

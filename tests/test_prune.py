@@ -70,7 +70,7 @@ def test_a_pruned_rate_stops_at_the_rivals_rounds_and_the_report_marks_it(tmp_pa
     text = (tmp_path / "r" / "table.md").read_text()
     assert f"| >{math.ceil(best)} | **{best:.1f}** |" in text   # rates ascending: 0.02 pruned, 0.1 chosen
     all_runs = text[text.index("All runs"):]
-    assert f"| {math.ceil(best)} | >{math.ceil(best)} |" in all_runs and "Not reached: >N pruned" in all_runs
+    assert f"| {math.ceil(best)} | >{math.ceil(best)} |" in all_runs and "\n>N: pruned after N rounds" in all_runs
     cells = pd.read_csv(tmp_path / "r" / "cells.csv")
     assert sorted(cells["fl.lr"]) == [0.02, 0.1]   # fraction 0.5 is its own setting with one rate
 

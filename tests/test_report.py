@@ -1,5 +1,8 @@
 """Rounds-to-target, speedups and the sweep report, on hand-made histories and on a real tiny sweep."""
 
+import json
+import shlex
+
 import pandas as pd
 import pytest
 from conftest import SMALL, mlflow_client, run_cli
@@ -7,6 +10,7 @@ from conftest import SMALL, mlflow_client, run_cli
 from flexp.metrics import interpolated_rounds_to_target
 from flexp.paper import paper_rounds
 from flexp.report import add_speedups, report, summarise
+from flexp.ui import VIEW_TAG
 
 
 def test_interpolated_rounds_to_target_follows_the_papers_recipe():
@@ -44,14 +48,15 @@ def test_paper_numbers_only_where_the_setting_matches():
     assert paper_rounds("2nn", "iid", 1, 10, 0.1, 0.97) == 87
     assert paper_rounds("cnn", "shards", 5, 10, 0.1, 0.99, "table2") == 229
     assert paper_rounds("cnn", "shards", 5, 10, 0.1, 0.99, "table1") == 206
-    assert paper_rounds("2nn", "iid", 1, None, 0.5, 0.97) == "-"
+    assert paper_rounds("2nn", "iid", 1, None, 0.5, 0.97) == "—"
     assert paper_rounds("2nn", "iid", 1, 10, 0.1, 0.92) == ""
     assert paper_rounds("logreg", "iid", 1, 10, 0.1, 0.97) == ""
 
 
 def test_tiny_sweep_gives_one_parent_four_children_and_a_four_row_report(store):
-    proc = run_cli(["-m", *SMALL, "fl.rounds=4", "fl.target_accuracy=0.3", "fl.clients=5,10",
-                    "fl.fraction=0.2,1.0", "+report.reference={fl.fraction: 0.2}"], store)
+    args = ["-m", *SMALL, "fl.rounds=4", "fl.target_accuracy=0.3", "fl.clients=5,10", "fl.fraction=0.2,1.0",
+            "+report.reference={fl.fraction: 0.2}"]
+    proc = run_cli(args, store)
     assert proc.returncode == 0, proc.stderr
     client = mlflow_client(store)
     runs = client.search_runs([client.get_experiment_by_name("flexp").experiment_id])
@@ -66,6 +71,11 @@ def test_tiny_sweep_gives_one_parent_four_children_and_a_four_row_report(store):
     combos = {(c.data.params["fl.clients"], c.data.params["fl.fraction"]) for c in children}
     assert combos == {("5", "0.2"), ("5", "1.0"), ("10", "0.2"), ("10", "1.0")}
     assert all(c.info.status == "FINISHED" for c in children)
+    assert {(c.data.tags["mlflow.source.name"], c.data.tags["mlflow.source.type"]) for c in children} == {
+        (f"python -m flexp {shlex.join(args)}", "LOCAL")}   # the command, not the writer process's file
+    view = json.loads(client.get_experiment_by_name("flexp").tags[VIEW_TAG])
+    assert {"params.`fl.clients`", "params.`fl.fraction`", "metrics.`best_test_accuracy`"} <= set(
+        json.loads(view["state"])["selectedColumns"])
     assert sorted(c.data.metrics["clients"] for c in children) == [1, 2, 5, 10]
 
     out = report(sweep, store / "reports", f"sqlite:///{store / 'mlflow.db'}")

@@ -36,7 +36,7 @@ def test_a_cell_no_rate_reached_keeps_its_most_accurate_run_and_shows_a_dash():
     assert best.loc["0.5", "reached"] and best.loc["0.5", "fl.lr"] == "1.0"
     lines = rates_table(frame, ["fl.fraction"]).splitlines()
     assert lines[0] == "| fl.fraction | η=0.1 | η=1 |"
-    assert lines[2:] == ["| 0.1 | - | - |", "| 0.5 | - | **80.0** |"]
+    assert lines[2:] == ["| 0.1 | — | — |", "| 0.5 | — | **80.0** |"]
 
 
 def test_the_rates_table_marks_pruned_diverged_and_unfinished_rates_and_prefers_a_rerun_that_ended():
@@ -100,7 +100,12 @@ def test_table1_layout_from_a_tiny_grid_puts_ours_beside_the_papers_in_its_colum
     assert "Best rate at an edge of the grid" in text
     assert "| partition.name | fl.batch_size | fl.fraction | η=0.1 | η=0.2 |" in text
     assert "IID B=inf C=0.0 η=0.1; IID B=inf C=0.1 η=0.1;" in text
-    assert "| iid | inf | 0.0 | **100.0** | - |" in text and "| shards | 10 | 0.1 | **100.0** | 105.0 |" in text
+    assert "| iid | inf | 0.0 | **100.0** | — |" in text and "| shards | 10 | 0.1 | **100.0** | 105.0 |" in text
+    captions = [line for line in text.splitlines() if line.endswith(":")]
+    assert "; [the paper's rounds; ours/paper]; η the chosen rate" in captions[0]
+    assert "no rate reached" not in captions[0] and "did not reach" not in captions[0]
+    assert captions[1] == "Every learning rate tried (rounds to 97%; bold: chosen; —: not reached in the budget):"
+    assert "| - |" not in text and "\n—: not reached in the budget.\n" in text   # the All runs legend
 
 
 def test_the_paper_column_says_why_it_is_empty():
@@ -110,6 +115,20 @@ def test_the_paper_column_says_why_it_is_empty():
     text, _, _ = tables(table, varying, reference, 0.92)
     layout = [line for line in text.split("Every")[0].splitlines() if line.startswith("| 0.")]
     assert "paper: target 97%, this sweep 92%" in text and len(layout) == 2 and not any("[" in x for x in layout)
+    assert text.count("paper: target 97%, this sweep 92%") == 1
+    assert "[the paper" not in text and "| paper |" not in text and "n/a" not in text
+
+
+def test_where_the_paper_did_not_reach_the_target_its_mark_is_ours_and_the_caption_says_so():
+    frame, accs = grid()
+    frame = frame.loc[frame["params.fl.batch_size"] == "0"].assign(
+        **{"params.fl.fraction": lambda f: f["params.fl.fraction"].map({"0.0": "0.5", "0.1": "1.0"}),
+           "params.report.reference.fl.fraction": "0.5"})
+    table, varying, reference = build_table(frame, accs)
+    text, _, _ = tables(table, varying, reference, 0.97)
+    assert "; [the paper's rounds (—: it did not reach the target); ours/paper];" in text.splitlines()[0]
+    assert "| 0.5 | 100.0 (1.0x) [—] η 0.1† | 300.0 (1.0x) [—] η 0.1† |" in text
+    assert text.rstrip().endswith("—: not reached in the budget; paper —: the paper did not reach it.")
 
 
 def test_runs_with_different_targets_are_not_merged():
@@ -143,7 +162,7 @@ def test_report_merges_two_sweeps_of_one_experiment_by_ids_or_by_its_name(tmp_pa
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
-    experiment = client.create_experiment("table1_2nn")
+    experiment = client.create_experiment("table1_2nn", artifact_location=(tmp_path / "artifacts").as_uri())
     parents = [log_sweep(client, experiment, "day1", "iid", {"0.1": 80, "0.215": 90}),
                log_sweep(client, experiment, "day2", "shards", {"0.1": 700, "0.0464": 650})]
     assert main(["day1", "day2", "--tracking-uri", uri, "--out", str(tmp_path), "--name", "t1"]) == 0

