@@ -359,7 +359,8 @@ def plot(frame: pd.DataFrame, varying: list[str], accs: Mapping, traffic: Mappin
         ax.grid(alpha=0.3)
         if panel:
             ax.set_title(panel, fontsize=9)
-        where = dict(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0) if outside else dict(loc="lower right")
+        beside = dict(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+        where = beside if outside else dict(loc="lower right")
         ax.legend(fontsize=7, **where)
 
     def save(fig: object, name: str, what: str) -> Path:
