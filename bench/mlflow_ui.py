@@ -24,6 +24,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from flexp.ui import view_route
+
 KNOBS = re.compile(r"^.*?\bB(\d+|inf)\b")  # "K100 C0.1 E1 B10" of "K100 C0.1 E1 B10 fedavg 2nn mnist iid"
 LANDED = "location.hash.split('?')[0].split('/').length > 3"  # past #/experiments/<id>, which redirects to a tab
 DRAWN = "document.querySelector('.js-plotly-plot .scatterlayer .trace')"  # a line chart (test_accuracy) has a line
@@ -104,9 +106,17 @@ def show_accuracy(page, seen: dict) -> None:
     page.wait_for_timeout(1000)  # let the other charts finish drawing before the screenshot
 
 
-def render(home: str, experiment: str, run_names: list[str], out: Path) -> dict:
+def view_columns(page, url: str) -> list[str]:
+    """The column titles of the runs table opened at `url` (flexp's saved view of the experiment)."""
+    page.goto(url)
+    page.get_by_role("columnheader", name="best_test_accuracy").first.wait_for(timeout=60_000)
+    return sorted({h.strip() for h in page.get_by_role("columnheader").all_inner_texts()})
+
+
+def render(home: str, experiment: str, run_names: list[str], out: Path, view: str = "") -> dict:
     """From the home page, click `experiment` as a new user would, wait for every run in the runs table, then
-    switch to the charts, filter them to test_accuracy and screenshot the result."""
+    switch to the charts, filter them to test_accuracy and screenshot the result; then open `view` (a route to the
+    experiment's saved view) and read its columns."""
     from playwright.sync_api import TimeoutError as Timeout
     from playwright.sync_api import sync_playwright
 
@@ -114,7 +124,7 @@ def render(home: str, experiment: str, run_names: list[str], out: Path) -> dict:
     if exe is None:
         raise FileNotFoundError("chromium is not installed (apt-get install chromium)")
     seen: dict = {"landed": "", "runs_shown": 0, "names_shown": {}, "assistant_open": None,
-                  "test_accuracy_shown": False}
+                  "test_accuracy_shown": False, "view_columns": []}
     out.parent.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
@@ -130,6 +140,11 @@ def render(home: str, experiment: str, run_names: list[str], out: Path) -> dict:
         except Timeout:
             seen["landed"] = seen["landed"] or page.url
         page.screenshot(path=str(out))
+        if view:
+            try:
+                seen["view_columns"] = view_columns(page, f"{home}#{view}")
+            except Timeout:
+                pass
         browser.close()
     return seen
 
@@ -157,7 +172,7 @@ def check(store: Path, experiment: str, out: Path) -> dict:
         exp = api(port, f"experiments/get-by-name?experiment_name={urllib.request.quote(experiment)}")["experiment"]
         runs = api(port, "runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 50}).get("runs", [])
         names = [r["info"]["run_name"] for r in runs if r["info"].get("run_name")]
-        seen = render(f"http://127.0.0.1:{port}/", experiment, names, out)
+        seen = render(f"http://127.0.0.1:{port}/", experiment, names, out, view_route(exp["experiment_id"]))
     finally:
         server.terminate()
         server.wait(timeout=30)

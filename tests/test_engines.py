@@ -87,7 +87,7 @@ def test_vectorized_equals_threads_over_rounds_in_float64(mnist_small, model_nam
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        n = 300 if model_name == "cnn" else len(mnist_small.train)  # float64 convolutions are slow on the CPU
+        n = 150 if model_name == "cnn" else len(mnist_small.train)  # float64 convolutions are slow on the CPU
         data = Dataset("mnist", Split(mnist_small.train.x[:n].double(), mnist_small.train.y[:n]),
                        Split(mnist_small.test.x[:100].double(), mnist_small.test.y[:100]), mnist_small.input_shape, 10)
         _compare(data, model_name, split, 10, epochs=2, rounds=3)
