@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flexp.algorithm import Algorithm, TaskLoss, client_code, hook_owner
-from flexp.engine.cnn_kernel import CLAIMED, client_side
+from flexp.engine.cnn_kernel import unclaimed
 from flexp.strategy.fedprox import FedProx
 from flexp.strategy.label_flip import LabelFlip
 from flexp.strategy.scaffold import Scaffold
@@ -49,13 +49,7 @@ def unsupported(model: nn.Module, algorithm: Algorithm, task_loss: TaskLoss) -> 
     """Why this kernel cannot run `algorithm` on `model` ('' when it can), said for the run's log."""
     if mlp_layers(model) is None:
         return "the batched MLP kernel takes Flatten/Linear/ReLU models only"
-    if not all(p.requires_grad for p in model.parameters()):
-        return "the model has frozen parameters"
-    if task_loss is not F.cross_entropy:
-        return "the task loss is not cross-entropy"
-    if client_code(algorithm) not in CLAIMED:
-        return f"the batched MLP kernel does not implement {client_side(algorithm)}"
-    return ""
+    return unclaimed("batched MLP kernel", model, algorithm, task_loss)
 
 
 def terms(algorithm: Algorithm, messages: Mapping[str, torch.Tensor]) -> tuple[

@@ -117,12 +117,18 @@ def unsupported(module: nn.Module, algorithm: Algorithm, task_loss: TaskLoss) ->
     """Why this kernel cannot run `algorithm` on the paper's CNN `module` ('' when it can), for the run's log."""
     if not all(p.device.type == "cpu" for p in module.parameters()):
         return "the CNN kernel runs on the CPU only"
+    return unclaimed("CNN kernel", module, algorithm, task_loss)
+
+
+def unclaimed(kernel: str, module: nn.Module, algorithm: Algorithm, task_loss: TaskLoss) -> str:
+    """Why a hand kernel (named `kernel`) that fits `module` still cannot train it ('' when it can): frozen
+    parameters, another task loss, or a client side it does not implement."""
     if not all(p.requires_grad for p in module.parameters()):
         return "the model has frozen parameters"
     if task_loss is not F.cross_entropy:
         return "the task loss is not cross-entropy"
     if client_code(algorithm) not in CLAIMED:
-        return f"the CNN kernel does not implement {client_side(algorithm)}"
+        return f"the {kernel} does not implement {client_side(algorithm)}"
     return ""
 
 
