@@ -477,9 +477,10 @@ def tables(frame: pd.DataFrame, varying: list[str], reference: Mapping[str, obje
         edges = best.loc[best["lr_edge"] & best["reached"]]
         rows = [*(k for k in reference if k not in cells and k in best), *cells]   # C is the rows even if fixed
         none_reached = f"; {NOT_REACHED}: no rate reached the target" if not best["reached"].all() else ""
+        layout = paper_layout(best, rows, reference)
         text = (f"{reached}, best learning rate per setting (fewest interpolated rounds; ties to the smaller rate"
                 f"{none_reached}); {against}{paper_caption(best)}; η the chosen rate, † at an edge of the rates "
-                f"tried:\n\n{paper_layout(best, rows, reference)}")
+                f"tried:\n\n{layout}") if layout else best_rate_lines(best, reached)
         if len(edges):
             text += "\nBest rate at an edge of the grid (widen it there): " + "; ".join(
                 " ".join(filter(None, (column_title(cells, tuple(r[k] for k in cells)), f"η={number(r[LR]):g}")))
@@ -496,6 +497,17 @@ def tables(frame: pd.DataFrame, varying: list[str], reference: Mapping[str, obje
         text = (f"{reached}, interpolated between evaluations as the paper does ({missed}{against}"
                 f"{paper_caption(frame)}):\n\n{layout}\nAll runs:\n\n{text}")
     return text + paper_notes(frame), frame, varying
+
+
+def best_rate_lines(best: pd.DataFrame, reached: str) -> str:
+    """The best rate of each setting in words, where no table in the paper's layout can be drawn (a rate grid of one
+    setting, or of settings without the reference key)."""
+    lines = []
+    for row in best.to_dict("records"):
+        rounds = f"{number(row['rounds_to_target_interp']):.1f} rounds" if row["reached"] else "not reached by any rate"
+        lines.append(f"- {reached.lower()}: {rounds}; best rate η={number(row[LR]):g} (of {row['lrs_tried']} tried, "
+                     f"best accuracy {number(row['best_accuracy']):.4f})\n")
+    return "".join(lines)
 
 
 def paper_caption(frame: pd.DataFrame) -> str:

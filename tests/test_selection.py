@@ -54,8 +54,12 @@ def test_a_rate_sweep_of_one_setting_reports_its_best_rate_and_edge():
         **{"fl.target_accuracy": "0.92", "paper": "", "paper_note": "", "rounds": [6, 5], "final_accuracy": 0.93,
            "speedup": None})
     text, best, _ = tables(frame, ["fl.lr"], {}, 0.92)
-    assert best["fl.lr"].tolist() == ["0.1"] and "no speedups" in text
+    assert best["fl.lr"].tolist() == ["0.1"]
+    assert text.startswith("- rounds to 92%: 4.7 rounds; best rate η=0.1 (of 2 tried, best accuracy 0.9900)\n")
     assert "Best rate at an edge of the grid (widen it there): η=0.1\n" in text
+    unreached, _, _ = tables(frame.assign(rounds_to_target_interp=None, best_accuracy=[0.91, 0.9]), ["fl.lr"], {}, 0.92)
+    assert unreached.startswith("- rounds to 92%: not reached by any rate; best rate η=0.0464 (of 2 tried, best "
+                                "accuracy 0.9100)\n")   # a heading over an empty table before
 
 
 C, BLOCKS = ("0.0", "0.1"), [("iid", "0"), ("iid", "10"), ("shards", "0"), ("shards", "10")]
