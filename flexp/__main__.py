@@ -38,8 +38,9 @@ log = logging.getLogger("flexp")
 
 
 def fail(message: str, code: int = 2) -> None:
-    """Print one line to stderr and exit: bad input is no reason for a traceback."""
-    print(f"flexp: error: {message}", file=sys.stderr, flush=True)
+    """Print one line to stderr and exit: bad input is no reason for a traceback (and an interrupt no error)."""
+    kind = "" if code == interrupt.EXIT_CODE else "error: "
+    print(f"flexp: {kind}{message}", file=sys.stderr, flush=True)
     sys.exit(code)
 
 

@@ -58,14 +58,14 @@ def _on_signal(signum: int, frame: object) -> None:
     if not _state["keep_run"]:
         _exit_now(NOTHING_LOGGED)
     if _requested.is_set():
-        _exit_now("stopped at once (second interrupt); the run is marked KILLED")
+        _exit_now("stopped at once (second interrupt); the tracking process marks the run KILLED")
     _requested.set()
     print(f"flexp: {signal.Signals(signum).name} received: stopping at the next step (again to stop at once)",
           file=sys.stderr, flush=True)
 
 
 def _exit_now(message: str) -> None:
-    print(f"flexp: error: {message}", file=sys.stderr, flush=True)
+    print(f"flexp: {message}", file=sys.stderr, flush=True)
     os._exit(EXIT_CODE)
 
 

@@ -218,6 +218,7 @@ def execute(cfg: ExperimentConfig, tracker: Tracker, tags: Mapping[str, str], co
     run_id = tracker.start(run_name(cfg), tags, run_id=resume.run_id if resume else None)
     log.info("run %s: %s, %d parameters, %d %ss", run_id, run_name(cfg), count_parameters(ready.model), total, unit)
     progress = Progress(total, unit)
+    history = list(resume.state.history) if resume else []   # every round logged, for a stopped run's summary
     status = "FAILED"
     try:
         if resume is None:
@@ -235,6 +236,7 @@ def execute(cfg: ExperimentConfig, tracker: Tracker, tags: Mapping[str, str], co
 
         def on_record(record: RoundRecord) -> None:
             tracker.log_metrics({**record.metrics(), **callback_metrics.pop(record.round, {})}, step=record.round)
+            history.append(record)
             progress.update(record)
 
         state = resume.state if resume else None
@@ -252,6 +254,8 @@ def execute(cfg: ExperimentConfig, tracker: Tracker, tags: Mapping[str, str], co
         return result
     except KeyboardInterrupt:
         status = "KILLED"
+        if history:  # the runs table's best and final accuracy of a stopped run are those of its rounds so far
+            tracker.log_metrics(TrainingResult(torch.empty(0), history, cfg.fl.target_accuracy).summary())
         raise
     finally:
         progress.close()

@@ -18,21 +18,24 @@ def describe(record: RoundRecord, unit: str, total: int) -> str:
 
 
 class Progress:
-    """Shows each finished round; the bar's postfix carries the latest test accuracy."""
+    """Shows each finished round; the bar's postfix carries the latest test accuracy. The bar appears with the first
+    round, so the lines logged while the job starts do not cut through it, and a resumed run's bar starts where the
+    run stopped."""
 
     def __init__(self, total: int, unit: str = "round", stream: TextIO | None = None) -> None:
         self.total, self.unit = total, unit
         self.stream = stream or sys.stdout
         self.bar = None
-        if self.stream.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit=unit, file=self.stream, dynamic_ncols=True)
 
     def update(self, record: RoundRecord) -> None:
-        if self.bar is None:
+        if not self.stream.isatty():
             print(describe(record, self.unit, self.total), file=self.stream, flush=True)
             return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, initial=record.round - 1, unit=self.unit, file=self.stream,
+                            dynamic_ncols=True)
         if record.test_accuracy is not None:
             self.bar.set_postfix(acc=f"{record.test_accuracy:.4f}", loss=f"{record.train_loss:.3f}", refresh=False)
         self.bar.update(1)

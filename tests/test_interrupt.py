@@ -76,7 +76,7 @@ class Recorder:
     """A Tracker that keeps what it was told; with `signal_at`, it signals when that round is logged."""
 
     def __init__(self, signal_at: int | None = None) -> None:
-        self.signal_at, self.rounds, self.status = signal_at, [], None
+        self.signal_at, self.rounds, self.status, self.summary = signal_at, [], None, {}
 
     def start(self, run_name, tags, run_id=None):
         return "run"
@@ -85,6 +85,8 @@ class Recorder:
         pass
 
     def log_metrics(self, metrics, step=None):
+        if step is None:
+            self.summary = dict(metrics)
         if step is not None and "test_accuracy" in metrics:
             self.rounds.append(step)
             if step == self.signal_at:
@@ -140,6 +142,7 @@ def test_a_signal_at_any_point_of_a_round_ends_the_run_killed_keeping_its_rounds
         execute(cfg, tracker, {}, "", output_dir=tmp_path)
     assert tracker.status == "KILLED"
     assert tracker.rounds == kept
+    assert tracker.summary["final_test_accuracy"] > 0   # the runs table's accuracy of a stopped run: its last round
     saved = checkpoint.load(tmp_path)
     assert [r.round for r in saved.state.history] == kept  # resumable from exactly what was logged
 
