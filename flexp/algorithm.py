@@ -10,6 +10,7 @@ with autograd, the vectorized engine `vmap`s them over the round's clients, so o
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,7 +21,24 @@ from flexp.client import ClientResult
 
 Params = dict[str, Tensor]
 TaskLoss = Callable[..., Tensor]  # torch's loss convention: loss(output, target, reduction="mean" | "none")
-CLIENT_HOOKS = ("client_init", "batch", "loss", "step", "client_final")
+CLIENT_HOOKS = ("client_init", "batch", "loss", "step", "client_final", "gradient")
+Forward = Callable[[dict[str, Tensor], Tensor], Tensor]  # forward(params, x): the model as a function of its weights
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One local step's batch as the `gradient` hook sees it: inputs, targets, which rows are real (1; padding rows
+    of the vectorized engine are 0), the model's functional forward and the task loss."""
+
+    x: Tensor
+    y: Tensor
+    mask: Tensor
+    forward: Forward
+    task_loss: TaskLoss
+
+    def mean(self, losses: Tensor) -> Tensor:
+        """The mean of per-sample `losses` over the real rows."""
+        return (losses * self.mask).sum() / self.mask.sum().clamp_min(1)
 
 
 class Algorithm:
@@ -31,8 +49,17 @@ class Algorithm:
     (tensors and plain data only, so checkpoints load with weights_only=True).
     Client side: `client_init` (the client's state from the weights and its message), `batch` (what it trains
     on), `loss` (added to the task loss), `step` (one update from the gradients), `client_final` (extra tensors
-    for the reply). Client hooks must not read server state: on Ray they run on a copy of the algorithm.
+    for the reply), `gradient` (a step's gradients from the batch and a functional forward of the model: override it
+    for per-sample gradients or a loss on the model's outputs). Client hooks must not read server state: on Ray
+    they run on a copy of the algorithm. With `random = True` each client's message holds "random", the key of its
+    own stream for (seed, round, client): draw with flexp.rng.normal(key, counter, n), the counter kept in the
+    client state, and every engine and worker count draws the same numbers.
+    Per round: `round_metrics` (logged beside the round's), `halt` (a reason to end the run before a round).
     """
+
+    random = False  # clients get message["random"], their stream's key (flexp.rng.client_key)
+    mean_aggregate = True  # aggregate depends on the replies only through their n_k-weighted mean of weights
+    empty_rounds = False  # aggregate is called for a round without usable replies too (a DP mechanism's noise)
 
     def message(self, client: int, round_: int, params: Tensor) -> dict[str, Tensor]:
         """Tensors a sampled client receives besides the global weights (same keys and shapes for every client)."""
@@ -49,6 +76,18 @@ class Algorithm:
     def wire_bytes(self, model_bytes: int) -> int:
         """Bytes one client receives (and sends) per round, for a model of `model_bytes`."""
         return model_bytes
+
+    def round_metrics(self, round_: int) -> dict[str, float]:
+        """Metrics of the round just aggregated, logged with the round's own (e.g. epsilon spent)."""
+        return {}
+
+    def halt(self, round_: int) -> str | None:
+        """A reason to end the run before `round_` (e.g. the privacy budget it would exceed); None to go on."""
+        return None
+
+    def run_params(self) -> dict[str, Any]:
+        """Values fixed at the start that the config does not show (a calibrated noise multiplier), logged as params."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -76,10 +115,26 @@ class Algorithm:
         """Extra tensors for the reply (`ClientResult.extra`), besides weights, n_k, loss and step count."""
         return {}
 
+    def gradient(self, batch: Batch, params: Params, cstate: dict[str, Any]) -> tuple[Params, Tensor, dict[str, Any]]:
+        """(the gradients one local step follows, its task loss, the client state): by default those of `loss` on
+        the batch's mean task loss (engines compute that faster themselves unless this hook is overridden)."""
+        def objective(p: Params) -> tuple[Tensor, Tensor]:
+            x, y = self.batch(batch.x, batch.y, cstate)
+            task = batch.mean(batch.task_loss(batch.forward(p, x), y, reduction="none"))
+            return self.loss(task, p, cstate), task
+
+        grads, task = torch.func.grad(objective, has_aux=True)(params)
+        return grads, task.detach(), cstate
+
 
 def client_code(algorithm: Algorithm) -> tuple[Callable, ...]:
     """The functions behind an algorithm's client hooks: what a hand kernel must implement exactly to run it."""
     return tuple(getattr(getattr(algorithm, name), "__func__", getattr(algorithm, name)) for name in CLIENT_HOOKS)
+
+
+def overrides(algorithm: Algorithm, hook: str) -> bool:
+    """Whether the algorithm's `hook` (a client hook, possibly passed through a wrapper) is not the interface's own."""
+    return getattr(getattr(algorithm, hook), "__func__", None) is not getattr(Algorithm, hook)
 
 
 def hook_owner(algorithm: Algorithm, name: str) -> Any:

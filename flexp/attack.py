@@ -56,6 +56,7 @@ class Attacker(Algorithm):
 
     def __init__(self, inner: Algorithm, malicious: frozenset[int]) -> None:
         self.inner, self.malicious = inner, malicious
+        self.random, self.mean_aggregate, self.empty_rounds = inner.random, inner.mean_aggregate, inner.empty_rounds
         for name in CLIENT_HOOKS:
             if getattr(type(self), name) is getattr(Algorithm, name):
                 setattr(self, name, getattr(inner, name))
@@ -78,6 +79,15 @@ class Attacker(Algorithm):
 
     def wire_bytes(self, model_bytes: int) -> int:
         return self.inner.wire_bytes(model_bytes)
+
+    def round_metrics(self, round_: int) -> dict[str, float]:
+        return self.inner.round_metrics(round_)
+
+    def halt(self, round_: int) -> str | None:
+        return self.inner.halt(round_)
+
+    def run_params(self) -> dict[str, Any]:
+        return self.inner.run_params()
 
     def state_dict(self) -> dict[str, Any]:
         return self.inner.state_dict()

@@ -21,6 +21,7 @@ import torch
 from flexp.algorithm import Algorithm, snapshot, unsaved_attributes
 from flexp.config import parse_config
 from flexp.fedavg import RoundRecord, ServerState
+from flexp.stage import build_stages, with_stages
 from flexp.strategy import make_strategy, tensors
 
 log = logging.getLogger("flexp")
@@ -92,7 +93,8 @@ def from_payload(payload: Any) -> Checkpoint:
     try:
         history = [RoundRecord(**record) for record in payload["history"]]
         config = parse_config(payload["config"])
-        strategy = make_strategy(config.strategy, config.fl.clients, config.fl.lr, config.seed)
+        strategy = with_stages(make_strategy(config.strategy, config.fl.clients, config.fl.lr, config.seed),
+                               build_stages(config))
         strategy.load_state_dict(payload["strategy"])
         rng = tensors(payload["rng"], "rng", ("torch",))
         saved = payload.get("model_state", {})  # buffers and frozen parameters; absent before they were kept

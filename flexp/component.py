@@ -39,7 +39,13 @@ def parse_component(tree: Mapping[str, Any], section: str, supplied: tuple[str, 
     """The section's component, checked against its callable's signature (`supplied`: arguments flexp passes);
     None when the section is absent, null or `name: none`."""
     node = tree.get(section)
-    if node is None or (isinstance(node, Mapping) and node.get("name") == NONE and "_target_" not in node):
+    if isinstance(node, Mapping) and node.get("name") == NONE and "_target_" not in node:
+        extra = sorted(str(k) for k in node if k != "name")
+        if extra:
+            raise ConfigError(f"{section}.{extra[0]}", None, f"is set but {section}=none is chosen (choose an option "
+                                                             f"of conf/{section}/ first)")
+        return None
+    if node is None:
         return None
     if not isinstance(node, Mapping):
         raise ConfigError(section, node, f"must be a mapping with a _target_ (e.g. {section}=<option>)")
@@ -64,9 +70,9 @@ def build(component: Component, **supplied: Any) -> Any:
 
     func = locate(component.target, f"{component.section}._target_")
     extra = {k: v for k, v in supplied.items() if k not in component.kwargs and accepts(func, k)}
-    node = {"_target_": component.target, **component.kwargs, **extra}
-    try:
-        return instantiate(node, _convert_="all")
+    node = {"_target_": component.target, "_partial_": True, **component.kwargs}
+    try:  # supplied objects go to the call, not through OmegaConf (which would turn a dataclass into a dict)
+        return instantiate(node, _convert_="all")(**extra)
     except Exception as err:
         cause = root_cause(err)
         if isinstance(cause, Invalid):

@@ -18,6 +18,7 @@ STRATEGIES = ("fedavg", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", 
               "trimmed_mean", "krum", "multikrum")
 ATTACKS = ("none", "sign_flip", "gaussian", "label_flip")
 ARRIVALS = ("none", "linear", "step")
+SAMPLINGS = ("fixed", "poisson")
 
 
 class ConfigError(ValueError):
@@ -43,6 +44,7 @@ class FLConfig:
     target_accuracy: float | None
     stop_at_target: bool
     prune: bool = False  # in a learning-rate grid: stop once another rate of the setting reached the target sooner
+    sampling: str = "fixed"  # fixed: m clients without replacement; poisson: each client with probability C
 
     @property
     def clients_per_round(self) -> int:
@@ -208,6 +210,7 @@ class ExperimentConfig:
     loss: CallbackConfig | None = None  # the task loss (`loss._target_`); None: cross-entropy
     metrics: tuple[CallbackConfig, ...] = ()  # extra test metrics (`metrics.<name>._target_`), beside accuracy
     resume: str | None = None
+    privacy: Any = None  # flexp.component.Component of a privacy mechanism (conf/privacy/), None when off
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -293,7 +296,11 @@ def _fl(tree: Mapping[str, Any]) -> FLConfig:
         target_accuracy=s.number("target_accuracy", low=0.0, high=1.0, optional=True, default=None),
         stop_at_target=s.flag("stop_at_target", default=False),
         prune=s.flag("prune", default=False),
+        sampling=s.choice("sampling", SAMPLINGS, default="fixed"),
     )
+    if fl.sampling == "poisson" and fl.fraction == 0:
+        raise ConfigError("fl.fraction", fl.fraction, "must be > 0 with fl.sampling=poisson (each client joins a "
+                                                      "round with probability fl.fraction)")
     if fl.prune and fl.target_accuracy is None:
         raise ConfigError("fl.prune", True, "needs fl.target_accuracy: runs are pruned by their rounds to the target")
     return fl
@@ -536,8 +543,9 @@ SECTIONS = {"fl": FLConfig, "baseline": BaselineConfig, "dataset": DatasetConfig
             "model": ModelConfig, "engine": EngineConfig, "tracking": TrackingConfig, "strategy": StrategyConfig,
             "clients": ClientsConfig, "attack": AttackConfig, "data": DataConfig,
             "checkpoint": CheckpointConfig}
-TOP_LEVEL = ("mode", "seed", "report", "resume", "callbacks", "loss", "metrics", *SECTIONS)
+TOP_LEVEL = ("mode", "seed", "report", "resume", "callbacks", "loss", "metrics", "privacy", *SECTIONS)
 OPEN_SECTIONS = ("dataset", "model", "strategy")  # keys depend on the chosen option (a _target_'s arguments)
+STAGE_SECTIONS = ("privacy",)  # the round's stages: a `_target_` class and its arguments (flexp.component)
 
 
 def check_key(path: str) -> None:
@@ -623,8 +631,17 @@ def parse_config(tree: Mapping[str, Any]) -> ExperimentConfig:
         loss=_loss(tree),
         metrics=_callbacks(tree, "metrics"),
         resume=_resume(tree),
+        privacy=_stage(tree, "privacy"),
         raw=named_targets(tree, model, strategy),
     )
+
+
+def _stage(tree: Mapping[str, Any], section: str) -> Any:
+    """A stage section (conf/<section>/<option>.yaml: `_target_` and its arguments), checked; None when off."""
+    from flexp.component import parse_component
+    from flexp.stage import Stage
+
+    return parse_component(tree, section, supplied=("plan",), kind=Stage)
 
 
 def named_targets(tree: Mapping[str, Any], model: ModelConfig, strategy: StrategyConfig) -> Mapping[str, Any]:

@@ -23,6 +23,7 @@ from flexp.config import ClientsConfig, DataConfig, FLConfig
 from flexp.data import Split
 from flexp.flat import flat_parameters, load_flat, model_state
 from flexp.metrics import evaluate, interpolated_rounds_to_target, rounds_to_target
+from flexp.rng import client_key
 
 log = logging.getLogger("flexp")
 FAILED_ROUNDS = 3  # a run whose first rounds all fail entirely stops after this many
@@ -54,13 +55,14 @@ class RoundRecord:
     samples: int = 0
     failed_clients: int = 0
     test_metrics: dict[str, float] = field(default_factory=dict)  # the configured `metrics`, by name
+    extra: dict[str, float] = field(default_factory=dict)  # the algorithm's and its stages' (round_metrics)
 
     def metrics(self) -> dict[str, float]:
         """The record as a metric dict (test metrics only on evaluated rounds)."""
         out = {"train_loss": self.train_loss, "round_seconds": self.round_seconds, "clients": self.clients,
                "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "dropped": self.dropped,
                "stragglers": self.stragglers, "malicious": self.malicious, "samples": self.samples,
-               "failed_clients": self.failed_clients}
+               "failed_clients": self.failed_clients, **self.extra}
         if self.test_accuracy is not None:
             out.update(test_accuracy=self.test_accuracy, test_loss=self.test_loss)
             out.update({f"test_{name}": value for name, value in self.test_metrics.items()})
@@ -100,6 +102,20 @@ def sample_clients(num_clients: int, per_round: int, seed: int, round_: int) -> 
     """The round's client set S_t, drawn from (seed, round) alone and sorted by client id."""
     rng = np.random.default_rng([seed, round_])
     return sorted(rng.choice(num_clients, size=per_round, replace=False).tolist())
+
+
+def poisson_clients(num_clients: int, rate: float, seed: int, round_: int) -> list[int]:
+    """The round's client set when each client joins independently with probability `rate` (Poisson sampling, what
+    privacy amplification by subsampling assumes): its size varies from round to round, and may be 0."""
+    rng = np.random.default_rng([seed, round_])
+    return np.flatnonzero(rng.random(num_clients) < rate).tolist()
+
+
+def round_clients(fl: FLConfig, num_clients: int, seed: int, round_: int) -> list[int]:
+    """The clients fl.sampling draws for a round: `fixed` m = max(round(C K), 1) without replacement, or `poisson`."""
+    if fl.sampling == "poisson":
+        return poisson_clients(num_clients, fl.fraction, seed, round_)
+    return sample_clients(num_clients, fl.clients_per_round, seed, round_)
 
 
 def heterogeneity(chosen: Sequence[int], dropout: float, stragglers: float, epochs: int, seed: int,
@@ -229,7 +245,16 @@ def round_tasks(partition: Sequence[torch.Tensor], returned: Sequence[int], slow
     """The returning clients' tasks: the data they hold this round, their epochs and the algorithm's messages."""
     fraction = held_fraction(data.arrival, round_, data.arrival_start, data.arrival_full_at, data.arrival_every)
     return [ClientTask(c, held(partition[c], fraction), client_seed(seed, round_, c), slow.get(c),
-                       algorithm.message(c, round_, global_params)) for c in returned]
+                       with_key(algorithm, algorithm.message(c, round_, global_params), seed, round_, c))
+            for c in returned]
+
+
+def with_key(algorithm: Algorithm, message: dict[str, torch.Tensor], seed: int, round_: int,
+             client: int) -> dict[str, torch.Tensor]:
+    """The message, with the key of the client's random stream when the algorithm draws (Algorithm.random)."""
+    if not algorithm.random:
+        return message
+    return {**message, "random": torch.tensor(client_key(seed, round_, client), dtype=torch.int64)}
 
 
 def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split, fl: FLConfig, engine: Engine,
@@ -256,12 +281,12 @@ def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split,
         interrupt.check()
         if reached_target(fl, result.history):
             break
-        if (why := stop(result.history)) is not None:
+        if (why := stop(result.history) or algorithm.halt(round_)) is not None:
             log.info("%s", why)
             result.stopped = why
             break
         start = time.perf_counter()
-        chosen = sample_clients(len(partition), fl.clients_per_round, seed, round_)
+        chosen = round_clients(fl, len(partition), seed, round_)
         returned, slow = heterogeneity(chosen, cond.clients.dropout, cond.clients.stragglers, fl.local_epochs, seed,
                                        round_)
         tasks = round_tasks(partition, returned, slow, seed, round_, cond.data, algorithm, global_params)
@@ -269,7 +294,7 @@ def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split,
         updates = [algorithm.receive(round_, global_params, u) for u in updates]
         good, failed = usable(updates, round_, cond.on_client_error)
         first_error = first_error or (f"round {round_}, {failed[0]}" if failed else "")
-        if not good:
+        if not good and not algorithm.empty_rounds:
             log.warning("round %d: %s; the global model is unchanged", round_,
                         "every client failed" if failed else "no client returned")
         else:
@@ -283,7 +308,7 @@ def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split,
             round_seconds=0.0, bytes_up=len(updates) * model_bytes, bytes_down=len(chosen) * model_bytes,
             dropped=len(chosen) - len(returned), stragglers=len(slow),
             malicious=sum(u.malicious for u in good), samples=n_total,
-            failed_clients=len(updates) - len(good))
+            failed_clients=len(updates) - len(good), extra=algorithm.round_metrics(round_))
         if round_ % fl.eval_every == 0 or round_ == fl.rounds:
             found: dict[str, float] = {}
             accuracy, loss = evaluate(load_flat(model, global_params, global_state), test, loss_fn=scoring.loss,

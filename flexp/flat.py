@@ -16,11 +16,11 @@ from torch import nn
 
 
 @cache
-def sgd_step_function() -> Callable[..., Any]:
-    """Algorithm.step, the interface's default (imported late: flexp.algorithm imports this module's users)."""
-    from flexp.algorithm import Algorithm
+def interface() -> Any:
+    """flexp.algorithm, imported late: it imports this module's users."""
+    import flexp.algorithm
 
-    return Algorithm.step
+    return flexp.algorithm
 
 
 class Replica:
@@ -54,16 +54,26 @@ class Replica:
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, algorithm: Any, cstate: Any,
                    task_loss: Callable[..., torch.Tensor]) -> tuple[torch.Tensor, Any]:
         """One step of the algorithm's client side by autograd on the batch (x, y); returns (task loss, cstate)."""
-        xb, yb = algorithm.batch(x, y, cstate)
-        task = task_loss(self.module(xb), yb)
-        grads = torch.autograd.grad(algorithm.loss(task, self.named, cstate), self.params)
+        if interface().overrides(algorithm, "gradient"):
+            mask = torch.ones(len(x), dtype=self.params[0].dtype, device=x.device)
+            batch = interface().Batch(x, y, mask, self.forward, task_loss)
+            found, task, cstate = algorithm.gradient(batch, self.detached(), cstate)
+            grads = [found[name] for name in self.named]
+        else:
+            xb, yb = algorithm.batch(x, y, cstate)
+            task = task_loss(self.module(xb), yb)
+            grads = torch.autograd.grad(algorithm.loss(task, self.named, cstate), self.params)
         with torch.no_grad():
-            if getattr(algorithm.step, "__func__", None) is sgd_step_function():  # the default step, in place
+            if getattr(algorithm.step, "__func__", None) is interface().Algorithm.step:  # the default step, in place
                 torch._foreach_add_(self.params, list(grads), alpha=-lr)
                 return task.detach(), cstate
             new, cstate = algorithm.step(self.detached(), dict(zip(self.named, grads)), cstate, lr)
             torch._foreach_copy_(self.params, [new[name] for name in self.named])
         return task.detach(), cstate
+
+    def forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The model's output on `x` with `params` for its trainable weights (the `gradient` hook's forward)."""
+        return torch.func.functional_call(self.module, params, (x,))
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Views of a flat vector shaped like each parameter."""

@@ -28,6 +28,7 @@ from flexp.models import ModelFactory, count_parameters
 from flexp.objective import build_loss, build_metrics
 from flexp.progress import Progress
 from flexp.prune import CELL_TAG, Pruner, Rival, cell_id, stop_rule
+from flexp.stage import build_stages, with_stages
 from flexp.strategy import make_algorithm
 from flexp.tracking import flatten
 
@@ -101,6 +102,10 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
     algorithm = None
     if cfg.mode == "federated":
         algorithm = make_algorithm(cfg.strategy, cfg.attack, cfg.fl.clients, cfg.fl.lr, cfg.seed, data.num_classes)
+        stages = build_stages(cfg)
+        for stage in stages.values():
+            stage.check(model, algorithm)
+        algorithm = with_stages(algorithm, stages)
     return Prepared(data.to(device), parts, model, device, callbacks, algorithm)
 
 
@@ -223,6 +228,9 @@ def execute(cfg: ExperimentConfig, tracker: Tracker, tags: Mapping[str, str], co
     try:
         if resume is None:
             tracker.log_params(flatten(cfg.raw))
+            if ready.algorithm is not None and (resolved := ready.algorithm.run_params()):
+                tracker.log_params(resolved)
+                log.info("%s", "  ".join(f"{k} {v}" for k, v in resolved.items()))
             tracker.log_text(config_yaml, "config.yaml")
         else:
             checkpoint.restore_rng(resume.rng)

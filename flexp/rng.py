@@ -64,3 +64,43 @@ def seeded(seeds: Sequence[int], device: torch.device) -> Iterator[None]:
     with LOCK, torch.random.fork_rng(devices=devices_of(device)):
         torch.manual_seed(stream_seed(seeds))
         yield
+
+
+M32 = 0xFFFFFFFF
+TRIPLE32 = ((17, 0xED5AD4BB), (11, 0xAC4C1B51), (15, 0x31848BAB))  # Wellons' triple32: a bijection on 32 bits
+
+
+def client_key(seed: int, round_: int, client: int) -> int:
+    """The key of one client's random stream in one round (`Algorithm.random`): a function of (seed, round, client)
+    alone, so every engine and worker count draws the same numbers."""
+    return int(np.random.SeedSequence([seed, round_, client, STREAM]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def mul32(h: torch.Tensor, constant: int) -> torch.Tensor:
+    """(h * constant) mod 2^32 for int64 tensors below 2^32, in two 16-bit halves so no product leaves int64."""
+    low, high = constant & 0xFFFF, constant >> 16
+    return (h * low + (((h * high) & 0xFFFF) << 16)) & M32
+
+
+def triple32(h: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash that is a bijection (xorshift-multiply rounds), on int64 tensors below 2^32."""
+    for shift, constant in TRIPLE32:
+        h = mul32(h ^ (h >> shift), constant)
+    return h ^ (h >> 14)
+
+
+def uniform_bits(key: torch.Tensor, counter: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """32 random bits per `index` from (key, counter): counter-based, so it needs no generator state and runs under
+    vmap with a key and counter per client; distinct indices of one stream never collide."""
+    stream = triple32(triple32(triple32(key & M32) ^ ((key >> 32) & M32)) ^ (counter & M32))
+    return triple32(triple32(index & M32) ^ stream)
+
+
+def normal(key: torch.Tensor, counter: torch.Tensor, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`numel` standard normal draws (Box-Muller on counter-based uniforms) for the stream `key` at step `counter`:
+    the same numbers on every engine, worker count and device. For simulation, not cryptographic use."""
+    index = torch.arange(2 * numel, device=key.device, dtype=torch.int64)
+    bits = uniform_bits(key.to(torch.int64), counter.to(torch.int64), index).to(torch.float64)
+    u = (bits + 0.5) / 2.0 ** 32
+    u1, u2 = u[:numel], u[numel:]
+    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2)).to(dtype)

@@ -56,7 +56,7 @@ def terms(algorithm: Algorithm, messages: Mapping[str, torch.Tensor]) -> tuple[
         float, bool, torch.Tensor | None, torch.Tensor | None]:
     """What a claimed algorithm adds to plain SGD: FedProx's mu (and whether to keep the anchor), SCAFFOLD's
     corrections [m, P], the label maps [m, classes] of a label-flipping attack."""
-    _, batch, _, step, _ = client_code(algorithm)
+    _, batch, _, step, _, _ = client_code(algorithm)
     owner = hook_owner(algorithm, "step")
     mu = owner.mu if isinstance(owner, FedProx) else 0.0
     correction = messages["correction"] if step is Scaffold.step else None

@@ -95,7 +95,7 @@ def claimed() -> set[tuple[Callable, ...]]:
     labels as given or label-flipped; with the task loss F.cross_entropy."""
     base = Algorithm
     pairs = [(base.client_init, base.step), (FedProx.client_init, FedProx.step), (base.client_init, Scaffold.step)]
-    return {(init, batch, base.loss, step, base.client_final) for init, step in pairs
+    return {(init, batch, base.loss, step, base.client_final, base.gradient) for init, step in pairs
             for batch in (base.batch, LabelFlip.batch)}
 
 

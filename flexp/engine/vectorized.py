@@ -20,7 +20,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from torch.utils._pytree import tree_map
 
 from flexp import interrupt
-from flexp.algorithm import Algorithm, TaskLoss
+from flexp.algorithm import Algorithm, Batch, TaskLoss, overrides
 from flexp.client import ClientResult, ClientTask, LocalSpec, epoch_orders, failed_result, local_steps
 from flexp.data import Split
 from flexp.engine import batched_mlp
@@ -129,6 +129,25 @@ class VectorizedEngine:
         task = (losses * mask).sum() / mask.sum().clamp_min(1)
         return algorithm.loss(task, params, cstate), task
 
+    def _gradient_function(self, algorithm: Algorithm) -> Callable[..., tuple[Any, torch.Tensor, Any]]:
+        """One client's (gradients, task loss, client state) for a step: the algorithm's `gradient` hook where it
+        overrides it, else grad_and_value of its loss."""
+        if not overrides(algorithm, "gradient"):
+            plain = grad_and_value(partial(self._client_loss, algorithm), has_aux=True)
+
+            def default(params: State, frozen: State, cstate: Any, x: torch.Tensor, y: torch.Tensor,
+                        mask: torch.Tensor) -> tuple[Any, torch.Tensor, Any]:
+                grads, (_, losses) = plain(params, frozen, cstate, x, y, mask)
+                return grads, losses, cstate
+            return default
+
+        def hooked(params: State, frozen: State, cstate: Any, x: torch.Tensor, y: torch.Tensor,
+                   mask: torch.Tensor) -> tuple[Any, torch.Tensor, Any]:
+            def forward(p: State, inputs: torch.Tensor) -> torch.Tensor:
+                return functional_call(self.model, {**p, **frozen}, (inputs,))
+            return algorithm.gradient(Batch(x, y, mask, forward, self.task_loss), params, cstate)
+        return hooked
+
     def _train_mlp(self, global_params: torch.Tensor, plan: Lockstep, clients: int, algorithm: Algorithm,
                    messages: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict]:
         net = BatchedMLP.from_flat(global_params, self.layers, clients)
@@ -156,14 +175,13 @@ class VectorizedEngine:
         start = params = dict(zip(self.names, tensors))
         frozen = dict(state)  # models with buffers train per client: what remains are frozen parameters
         cstate = vmap(algorithm.client_init)(params, messages)
-        gradient = vmap(grad_and_value(partial(self._client_loss, algorithm), has_aux=True),
-                        in_dims=(0, None, 0, 0, 0, 0))
+        gradient = vmap(self._gradient_function(algorithm), in_dims=(0, None, 0, 0, 0, 0))
         step = vmap(algorithm.step, in_dims=(0, 0, 0, None))
         loss_sum = torch.zeros(clients, device=self.device, dtype=self.dtype)
         for idx, mask in zip(plan.indices, plan.mask):
             interrupt.check()
-            grads, (_, losses) = gradient(params, frozen, cstate, self.train.x[idx], self.train.y[idx], mask)
-            new_params, new_cstate = step(params, grads, cstate, self.spec.lr)
+            grads, losses, stepped = gradient(params, frozen, cstate, self.train.x[idx], self.train.y[idx], mask)
+            new_params, new_cstate = step(params, grads, stepped, self.spec.lr)
             active = mask.sum(1) > 0  # a client without a batch this step keeps its weights and state
             params, cstate = keep_where(active, new_params, params), keep_where(active, new_cstate, cstate)
             loss_sum += losses.detach() * mask.sum(1)
