@@ -34,6 +34,7 @@ from flexp.tracking import flatten
 
 log = logging.getLogger("flexp")
 ENGINE_TAG, PATH_TAG = "flexp.engine", "flexp.engine_path"  # the engine `auto` resolved to; how rounds trained
+STOPPED_TAG = "flexp.stopped"  # why a run ended before fl.rounds (a stop rule: a pruned rate, the privacy budget)
 
 
 class Tracker(Protocol):
@@ -250,6 +251,8 @@ def execute(cfg: ExperimentConfig, tracker: Tracker, tags: Mapping[str, str], co
         state = resume.state if resume else None
         result = train(cfg, ready, on_record, state, on_state, stop, tracker.set_tags)
         progress.close()
+        if result.stopped is not None:
+            tracker.set_tags({STOPPED_TAG: result.stopped})
         summary = result.summary()
         trained = resume is None or len(result.history) > len(resume.state.history)
         if trained:
