@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from flexp.checkpoint import Checkpoint
 
-GROUPS = ("dataset", "model", "partition", "engine", "tracking", "experiment", "sweep", "strategy")
+GROUPS = (*sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra"), "sweep")  # conf/ groups
 PRESETS = ("experiment", "sweep")
 OWN_PRIMARY_FLAGS = ("--config-name", "-cn", "--config-path", "-cp")
 MULTIRUN_FLAGS = ("-m", "--multirun")

@@ -37,6 +37,21 @@ CASES = [
     (["callbacks.fair._target_=no_such.Callback"], "callbacks.fair._target_"),
     (["strategy=custom", "strategy._target_=no_such.Algorithm"], "strategy._target_"),
     (["fl.lr=0.1,0.2"], "fl.lr=0.1,0.2 is a sweep"),
+    (["fl.sampling=sometimes"], "fl.sampling"),
+    (["fl.sampling=poisson", "fl.fraction=0"], "fl.fraction"),
+    (["privacy=laplace"], "privacy"),
+    (["privacy.clip=1"], "privacy.clip"),
+    (["privacy=dp_fedavg", "privacy.clipp=1"], "privacy.clipp"),
+    (["privacy=dp_fedavg", "privacy.clip=0"], "privacy.clip=0"),
+    (["privacy=dp_fedavg", "privacy.noise_multiplier=-1"], "privacy.noise_multiplier=-1"),
+    (["privacy=dp_fedavg", "privacy.delta=1.5"], "privacy.delta=1.5"),
+    (["privacy=dp_fedavg", "privacy.accountant=moments"], "privacy.accountant"),
+    (["privacy=dp_fedavg", "privacy.target_epsilon=0.001"], "privacy.target_epsilon=0.001"),
+    (["privacy=dp_fedavg", "privacy.target_epsilon=2", "privacy.noise_multiplier=1"], "privacy.target_epsilon"),
+    (["privacy=dp_fedavg", "strategy=median"], "privacy='dp_fedavg'"),
+    (["privacy=dp_fedavg", "model=custom", "model._target_=torch.nn.BatchNorm1d", "model.num_features=60"],
+     "privacy='dp_fedavg': the model has buffers"),
+    (["privacy=dp_sgd", "privacy.target_epsilon=2"], "privacy.target_epsilon"),
 ]
 
 

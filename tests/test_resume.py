@@ -15,7 +15,10 @@ from flexp import checkpoint
 
 ROUNDS = 12
 ARGS = [*SMALL, "model=2nn", "model.hidden=16", f"fl.rounds={ROUNDS}", "fl.lr=0.05", "tracking.log_model=false"]
-STRATEGY = {"fedadam": ["strategy=fedadam", "strategy.server_lr=0.05"], "scaffold": ["strategy=scaffold"]}
+STRATEGY = {  # DP-FedAdam with adaptive clipping (its clip and accountant are state); SCAFFOLD with local DP-SGD
+    "dp-fedadam": ["strategy=fedadam", "strategy.server_lr=0.05", "fl.fraction=0.5", "privacy=dp_fedavg",
+                   "privacy.noise_multiplier=0.5", "privacy.adaptive=true", "privacy.clip_count_stddev=2"],
+    "scaffold dp-sgd": ["strategy=scaffold", "privacy=dp_sgd", "privacy.noise_multiplier=0.5"]}
 
 
 def _checkpoint_dirs(cwd):
@@ -44,7 +47,7 @@ def _wait_for_status(client, run_id, status, timeout=60.0):
     assert client.get_run(run_id).info.status == status
 
 
-@pytest.mark.parametrize("by, strategy", [("output_dir", "fedadam"), ("run_id", "scaffold")])
+@pytest.mark.parametrize("by, strategy", [("output_dir", "dp-fedadam"), ("run_id", "scaffold dp-sgd")])
 def test_sigkill_then_resume_is_bit_identical_with_each_round_logged_once(tmp_path, by, strategy):
     args = [*ARGS, *STRATEGY[strategy]]
     clean, killed = tmp_path / "clean", tmp_path / "killed"
@@ -68,7 +71,9 @@ def test_sigkill_then_resume_is_bit_identical_with_each_round_logged_once(tmp_pa
     assert torch.equal(checkpoint.load(killed_dir).state.params, checkpoint.load(clean_dir).state.params)
     run = client.get_run(saved.run_id)
     assert run.info.status == "FINISHED"
-    for key in ("test_accuracy", "train_loss", "round_seconds"):
+    stages = [checkpoint.load(d).state.strategy.state_dict()["stages"] for d in (killed_dir, clean_dir)]
+    assert stages[0] == stages[1] and stages[0]["privacy"]  # the accountant's (and adaptive clip's) state
+    for key in ("test_accuracy", "train_loss", "round_seconds", "epsilon"):
         assert [m.step for m in client.get_metric_history(saved.run_id, key)] == list(range(1, ROUNDS + 1)), key
     assert len(client.search_runs([run.info.experiment_id])) == 1
 

@@ -31,6 +31,8 @@ def multi_krum(params: Sequence[torch.Tensor], num_samples: Sequence[int], byzan
 class Krum(Algorithm):
     """Multi-Krum keeping `keep` clients (1: Krum) under at most `byzantine` attackers."""
 
+    mean_aggregate = False  # it ranks individual replies
+
     def __init__(self, byzantine: int = 1, keep: int = 1) -> None:
         self.byzantine, self.keep = byzantine, keep
 

@@ -22,5 +22,7 @@ def coordinate_median(params: Sequence[torch.Tensor]) -> torch.Tensor:
 class Median(Algorithm):
     """Ignores sample counts: every returned client votes once per coordinate."""
 
+    mean_aggregate = False  # it ranks individual replies
+
     def aggregate(self, round_: int, global_params: torch.Tensor, replies: Sequence[ClientResult]) -> torch.Tensor:
         return coordinate_median([r.params for r in replies])

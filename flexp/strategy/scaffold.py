@@ -35,6 +35,8 @@ def server_step(x: torch.Tensor, params: Sequence[torch.Tensor], num_samples: Se
 class Scaffold(Algorithm):
     """Holds c and every client's c_i (created at zero on a client's first round); sends each client c - c_i."""
 
+    mean_aggregate = False  # it uses each client's own reply (to update its c_i), not only their mean
+
     def __init__(self, num_clients: int, lr: float, server_lr: float = 1.0) -> None:
         self.num_clients, self.lr, self.server_lr = num_clients, lr, server_lr
         self.c: torch.Tensor | None = None

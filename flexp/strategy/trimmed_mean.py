@@ -24,6 +24,8 @@ def trimmed_mean(params: Sequence[torch.Tensor], beta: float) -> torch.Tensor:
 class TrimmedMean(Algorithm):
     """The mean of each coordinate's middle values, ignoring sample counts."""
 
+    mean_aggregate = False  # it ranks individual replies
+
     def __init__(self, beta: float = 0.1) -> None:
         self.beta = beta
 
