@@ -68,7 +68,8 @@ def test_every_clipped_update_is_within_the_clip_and_smaller_ones_are_unchanged(
         # the norm of the scaled float64 vector errs by at most ~(n + 2) units of float64 roundoff, relative
         assert float(torch.linalg.vector_norm(delta)) <= 2.0 * (1 + 5002 * 2.0**-53)
         if norm <= 2.0:  # unchanged, but for the rounding of adding the start weights and taking them off again
-            assert torch.allclose(delta, params.double() - start.double(), rtol=0, atol=2 * 2.0**-52 * float(start.abs().max()))
+            exact = params.double() - start.double()
+            assert torch.allclose(delta, exact, rtol=0, atol=2 * 2.0**-52 * float(start.abs().max()))
         assert math.isnan(sent.loss) and sent.num_samples == 1  # the client's loss and size do not leave it
 
 

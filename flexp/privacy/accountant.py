@@ -4,7 +4,6 @@ functions over Google's dp-accounting: the maths the DP mechanisms call, kept ap
 from __future__ import annotations
 
 import logging
-
 import math
 import numbers
 from dataclasses import dataclass

@@ -59,7 +59,7 @@ def refuse_leaks(model: nn.Module, algorithm: Algorithm) -> None:
                                                   "would leave unprivatised")
     if not algorithm.mean_aggregate:
         raise ConfigError("privacy", "dp_fedavg", "the strategy aggregates individual replies, not their mean; "
-                                                  "DP-FedAvg hands it one noised mean (use fedavg, fedavgm, fedadam...)")
+                                                  "DP-FedAvg hands it one noised mean (use fedavg, fedavgm, fedadam)")
 
 
 class DPFedAvg(Stage):
@@ -156,12 +156,14 @@ class DPFedAvg(Stage):
         return multiplier * self.clip * scale
 
     def adapt(self, replies: Sequence[ClientResult], generator: torch.Generator) -> None:
-        """Adaptive clipping: move the clip toward the target quantile of update norms (noised count)."""
+        """Adaptive clipping (Andrew et al. 2021): move the clip toward the target quantile of update norms, from the
+        noised sum of centred bits (within the clip or not, minus 1/2), as accountant.update_noise_multiplier
+        assumes."""
         if not self.adaptive:
             return
-        count = sum(float(r.extra.get("within_clip", 0.0)) for r in replies)
+        centred = sum(float(r.extra.get("within_clip", 0.0)) - 0.5 for r in replies)  # one client moves it by 1/2
         noise = float(torch.randn((), generator=generator, dtype=torch.float64)) * self.count_stddev
-        self.below = (count + noise) / self.denominator
+        self.below = (centred + noise) / self.denominator + 0.5
         self.clip = accountant.adaptive_clip(self.clip, self.below, self.target_quantile, self.clip_lr)
 
     def epsilon(self, rounds: int) -> float:
