@@ -186,3 +186,38 @@ def test_poisson_sampling_varies_the_cohort_and_keeps_noising_empty_rounds():
 
     sizes = {len(poisson_clients(1000, 0.01, 0, r)) for r in range(1, 30)}
     assert len(sizes) > 3 and all(abs(s - 10) < 6 * math.sqrt(10) for s in sizes)
+
+
+def test_a_failed_reply_reaches_no_stage():
+    algorithm = with_stages(FedAvg(), {"privacy": DPFedAvg(clip=0.01, plan=PLAN)})
+    start = torch.zeros(10)
+    failed = ClientResult(3, torch.full((10,), 5.0), 10, math.nan, error="RuntimeError: boom")
+    assert algorithm.receive(1, start, failed) is failed
+    sent = algorithm.receive(1, start, _reply(4, torch.full((10,), 5.0)))
+    assert float(torch.linalg.vector_norm(sent.params.double())) <= 0.01 * (1 + 12 * 2.0**-53)
+
+
+def test_dp_sgd_stops_before_a_round_that_could_exceed_its_budget():
+    stage = DPSGD(clip=1.0, noise_multiplier=1.0, plan=PLAN, max_epsilon=12.0)
+    start = torch.zeros(4)
+    for round_ in range(1, 50):
+        if (why := stage.halt(round_)) is not None:
+            break
+        stage.server(round_, start, [ClientResult(0, start, 40, 0.1, steps=8)])
+    else:
+        pytest.fail("the budget never stopped it")
+    assert stage.client_epsilon(0) <= 12.0 < stage.client_epsilon(0, 8) and round_ > 2
+    assert why.startswith(f"privacy budget: round {round_} could spend epsilon")
+
+
+def test_a_run_without_privacy_does_not_import_dp_accounting(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import SMALL
+
+    overrides = [*SMALL, "fl.rounds=1"]
+    code = (f"import sys, flexp; flexp.run(flexp.compose({overrides!r})); "
+            "assert 'dp_accounting' not in sys.modules and 'flexp.privacy' not in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -143,6 +143,16 @@ def update_noise_multiplier(noise_multiplier: float, count_stddev: float, cohort
     return (noise_multiplier**-2 - (2 * count_stddev) ** -2) ** -0.5
 
 
+def require(section: str = "privacy", option: str = "") -> None:
+    """Refuse (one-line ConfigError) a privacy option when dp-accounting is not installed, before any run starts."""
+    try:
+        _dp_accounting()
+    except ImportError as err:
+        from flexp.config import ConfigError
+
+        raise ConfigError(section, option or None, str(err).removeprefix("privacy ")) from None
+
+
 def _dp_accounting() -> Any:
     """The dp_accounting module, or a one-line ImportError saying how to install it."""
     try:

@@ -26,6 +26,7 @@ from flexp.client import ClientResult
 from flexp.component import Invalid
 from flexp.config import ConfigError
 from flexp.privacy import accountant, checks
+from flexp.privacy import accountant as accountant_module
 from flexp.privacy.clip import clipped
 from flexp.stage import Plan, Stage
 
@@ -72,6 +73,7 @@ class DPFedAvg(Stage):
                  max_epsilon: float | str | None = None, accountant: str = "rdp", adaptive: bool = False,
                  target_quantile: float = 0.5, clip_lr: float = 0.2, clip_count_stddev: float | None = None,
                  noise_cohort_size: int | None = None, plan: Plan | None = None) -> None:
+        accountant_module.require("privacy", "dp_fedavg")
         self.plan = plan or Plan(clients=1, per_round=1, sampling="fixed", rounds=1, seed=0)
         self.clip = checks.clip_norm(clip)
         self.accountant = checks.accountant(accountant)

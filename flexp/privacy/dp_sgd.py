@@ -23,6 +23,7 @@ from flexp.client import ClientResult
 from flexp.component import Invalid
 from flexp.config import ConfigError
 from flexp.privacy import accountant, checks
+from flexp.privacy import accountant as accountant_module
 from flexp.privacy.clip import clip_factor, per_sample_norms
 from flexp.rng import normal
 from flexp.stage import Plan, Stage
@@ -36,7 +37,9 @@ class DPSGD(Stage):
     random = True
 
     def __init__(self, clip: float = 1.0, noise_multiplier: float = 1.0, delta: float = 1e-5,
-                 accountant: str = "rdp", target_epsilon: float | None = None, plan: Plan | None = None) -> None:
+                 accountant: str = "rdp", target_epsilon: float | None = None, max_epsilon: float | str | None = None,
+                 plan: Plan | None = None) -> None:
+        accountant_module.require("privacy", "dp_sgd")
         if target_epsilon is not None:
             raise Invalid("target_epsilon", target_epsilon, "calibrates privacy=dp_fedavg; privacy=dp_sgd takes "
                                                             "privacy.noise_multiplier")
@@ -45,6 +48,8 @@ class DPSGD(Stage):
         given = checks.noise_multiplier(noise_multiplier)
         self.noise_multiplier = 1.0 if given is None else given
         self.delta, self.accountant = checks.delta(delta), checks.accountant(accountant)
+        self.max_epsilon = checks.epsilon_value("max_epsilon", max_epsilon)
+        self.last: dict[int, int] = {}  # client -> the steps of its last round (what one more round adds)
         self.steps: dict[int, int] = {}  # client -> local steps taken so far
         self.sizes: dict[int, int] = {}  # client -> its n_k when it last trained
         self.worst = 0.0  # the largest per-client epsilon so far
@@ -67,7 +72,8 @@ class DPSGD(Stage):
             task = batch.task_loss(batch.forward(p, xb), yb)
             return inner.loss(task, p, cstate), task
 
-        per_sample, tasks = vmap(grad(one, has_aux=True), in_dims=(None, 0, 0))(params, batch.x, batch.y)
+        per_sample, tasks = vmap(grad(one, has_aux=True), in_dims=(None, 0, 0), randomness="different")(
+            params, batch.x, batch.y)  # Dropout: each sample its own mask, from the client's seeded generator
         weights = clip_factor(per_sample_norms(per_sample), self.clip) * batch.mask
         sizes = [p.numel() for p in params.values()]
         dtype = next(iter(params.values())).dtype
@@ -87,16 +93,39 @@ class DPSGD(Stage):
         """Count each client's steps and update the largest epsilon."""
         for reply in replies:
             self.steps[reply.client] = self.steps.get(reply.client, 0) + reply.steps
+            self.last[reply.client] = reply.steps
             self.sizes[reply.client] = reply.num_samples
             self.worst = max(self.worst, self.client_epsilon(reply.client))
         return list(replies)
 
-    def client_epsilon(self, client: int) -> float:
-        """Epsilon a client has spent: its steps, each a subsampled Gaussian at rate B / n_k."""
+    def client_epsilon(self, client: int, more: int = 0) -> float:
+        """Epsilon a client has spent (after `more` further steps): its steps, each a subsampled Gaussian at rate
+        B / n_k."""
         n = self.sizes[client]
         batch = min(self.plan.batch_size or n, n)
         sampling = accountant.Sampling("poisson", n, batch)
-        return accountant.epsilon(self.noise_multiplier, sampling, self.steps[client], self.delta, self.accountant)
+        steps = self.steps[client] + more
+        return accountant.epsilon(self.noise_multiplier, sampling, steps, self.delta, self.accountant)
+
+    def halt(self, round_: int) -> str | None:
+        """Stop before a round in which a client that trained before would exceed max_epsilon by training as much
+        as it did last time (clients yet to train are not foreseen: their first round is bounded by the noise)."""
+        if self.max_epsilon is None or not self.steps:
+            return None
+        worst = max(self.client_epsilon(c, self.last[c]) for c in self.worst_clients())
+        if worst <= self.max_epsilon:
+            return None
+        return (f"privacy budget: round {round_} could spend epsilon {worst:.3g} > privacy.max_epsilon="
+                f"{self.max_epsilon:g} for a client; stopped after round {round_ - 1}")
+
+    def worst_clients(self) -> list[int]:
+        """For each (n_k, steps of its last round), the client with the most steps so far: the others spend less."""
+        best: dict[tuple[int, int], int] = {}
+        for client, steps in self.steps.items():
+            key = (self.sizes[client], self.last[client])
+            if key not in best or steps > self.steps[best[key]]:
+                best[key] = client
+        return list(best.values())
 
     def round_metrics(self, round_: int) -> dict[str, float]:
         return {"epsilon": self.worst}
@@ -107,12 +136,13 @@ class DPSGD(Stage):
                 "sampling_accounted": "poisson at rate B / n_k per local step", "accountant_used": self.accountant}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": dict(self.steps), "sizes": dict(self.sizes), "worst": self.worst}
+        return {"steps": dict(self.steps), "sizes": dict(self.sizes), "last": dict(self.last), "worst": self.worst}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        unknown = sorted(set(state) - {"steps", "sizes", "worst"})
+        unknown = sorted(set(state) - {"steps", "sizes", "last", "worst"})
         if unknown:
             raise ValueError(f"dp_sgd state has unknown entries {unknown}")
         self.steps = {int(k): int(v) for k, v in state.get("steps", {}).items()}
         self.sizes = {int(k): int(v) for k, v in state.get("sizes", {}).items()}
+        self.last = {int(k): int(v) for k, v in state.get("last", {}).items()}
         self.worst = float(state.get("worst", 0.0))
