@@ -50,6 +50,9 @@ def parse_component(tree: Mapping[str, Any], section: str, supplied: tuple[str, 
     if not isinstance(node, Mapping):
         raise ConfigError(section, node, f"must be a mapping with a _target_ (e.g. {section}=<option>)")
     target = node.get("_target_")
+    if target == "???":
+        raise ConfigError(f"{section}._target_", None, f"is missing: {section}=custom needs "
+                                                       f"{section}._target_=module.Class")
     if not isinstance(target, str) or not target.strip():
         raise ConfigError(f"{section}._target_", target, "must name a class or a callable (module.Name)")
     kwargs = {k: v for k, v in node.items() if k not in ("_target_", "name")}

@@ -3,13 +3,16 @@ and DP-SGD reduce to FedAvg and plain local SGD, DP runs do not depend on the en
 stop ends at the right round, and what cannot be privatised is refused."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
+from conftest import SMALL
 from rounding import assert_same_sgd, chained_reductions, longest_sum, most_steps
 from test_api import _execute
 
 from flexp.client import ClientResult, LocalSpec
+from flexp.component import Invalid
 from flexp.config import DatasetConfig, FLConfig
 from flexp.data import load_dataset
 from flexp.engine.threads import ThreadEngine
@@ -22,7 +25,7 @@ from flexp.privacy import accountant
 from flexp.privacy.dp_fedavg import DPFedAvg
 from flexp.privacy.dp_sgd import DPSGD
 from flexp.rng import client_key, normal
-from flexp.stage import Plan, Staged, with_stages
+from flexp.stage import Plan, Stage, Staged, with_stages
 from flexp.strategy.fedavg import FedAvg
 
 SYNTH = DatasetConfig(name="synthetic", users=8, alpha=0.5, beta=0.5, seed=3)
@@ -214,10 +217,34 @@ def test_a_run_without_privacy_does_not_import_dp_accounting(tmp_path):
     import subprocess
     import sys
 
-    from conftest import SMALL
-
     overrides = [*SMALL, "fl.rounds=1"]
     code = (f"import sys, flexp; flexp.run(flexp.compose({overrides!r})); "
             "assert 'dp_accounting' not in sys.modules and 'flexp.privacy' not in sys.modules")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+class Halving(Stage):
+    """A user's stage: halves every update on the client's side, and logs how many it halved."""
+
+    def __init__(self, factor: float = 0.5, plan: Plan | None = None) -> None:
+        if not 0 < factor <= 1:
+            raise Invalid("factor", factor, "must be in (0, 1]")
+        self.factor, self.count, self.plan = factor, 0, plan
+
+    def client(self, round_, params, reply):
+        self.count += 1
+        return replace(reply, params=params + self.factor * (reply.params - params))
+
+    def round_metrics(self, round_):
+        return {"halved": self.count}
+
+
+def test_a_users_stage_is_declared_like_a_built_in_one(capsys):
+    from test_bad_config import cli_error
+
+    tracker = _execute(["fl.fraction=0.5", "privacy=custom", "privacy._target_=test_privacy.Halving"])
+    assert [tracker.metrics[r]["halved"] for r in (1, 2)] == [5, 10]
+    assert tracker.metrics[2]["test_accuracy"] != _execute(["fl.fraction=0.5"]).metrics[2]["test_accuracy"]
+    line = cli_error([*SMALL, "privacy=custom", "privacy._target_=test_privacy.Halving", "privacy.factor=2"], capsys)
+    assert line == "privacy.factor=2: must be in (0, 1]"
