@@ -231,7 +231,8 @@ def execute(cfg: ExperimentConfig, tracker: Tracker, tags: Mapping[str, str], co
             tracker.log_params(flatten(cfg.raw))
             if ready.algorithm is not None and (resolved := ready.algorithm.run_params()):
                 tracker.log_params(resolved)
-                log.info("%s", "  ".join(f"{k} {v}" for k, v in resolved.items()))
+                log.info("%s", "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                         for k, v in resolved.items()))
             tracker.log_text(config_yaml, "config.yaml")
         else:
             checkpoint.restore_rng(resume.rng)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import TextIO
 
@@ -10,9 +11,13 @@ from flexp.fedavg import RoundRecord
 
 def describe(record: RoundRecord, unit: str, total: int) -> str:
     """One human line for a round or epoch."""
-    parts = [f"{unit} {record.round}/{total}", f"train_loss {record.train_loss:.4f}"]
+    parts = [f"{unit} {record.round}/{total}"]
+    if not math.isnan(record.train_loss):  # a privacy stage withholds the clients' training loss
+        parts.append(f"train_loss {record.train_loss:.4f}")
     if record.test_accuracy is not None:
         parts += [f"test_acc {record.test_accuracy:.4f}", f"test_loss {record.test_loss:.4f}"]
+    if "epsilon" in record.extra:
+        parts.append(f"epsilon {record.extra['epsilon']:.3g}")
     parts.append(f"{record.round_seconds:.2f}s")
     return "  ".join(parts)
 
@@ -37,7 +42,10 @@ class Progress:
             self.bar = tqdm(total=self.total, initial=record.round - 1, unit=self.unit, file=self.stream,
                             dynamic_ncols=True)
         if record.test_accuracy is not None:
-            self.bar.set_postfix(acc=f"{record.test_accuracy:.4f}", loss=f"{record.train_loss:.3f}", refresh=False)
+            shown = {"acc": f"{record.test_accuracy:.4f}", "loss": f"{record.train_loss:.3f}"}
+            if "epsilon" in record.extra:
+                shown["eps"] = f"{record.extra['epsilon']:.3g}"
+            self.bar.set_postfix(shown, refresh=False)
         self.bar.update(1)
 
     def close(self) -> None:

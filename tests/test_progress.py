@@ -22,6 +22,10 @@ def test_piped_progress_is_one_line_per_round():
     progress = Progress(10, stream=out)
     progress.update(record(1))
     assert out.getvalue().startswith("round 1/10  train_loss 0.5000  test_acc 0.9000")
+    private = RoundRecord(round=2, clients=1, train_loss=float("nan"), round_seconds=0.1, bytes_up=0, bytes_down=0,
+                          test_accuracy=0.8, test_loss=0.4, extra={"epsilon": 1.23456})
+    progress.update(private)  # a privacy stage withholds the training loss and spends epsilon
+    assert out.getvalue().splitlines()[1] == "round 2/10  test_acc 0.8000  test_loss 0.4000  epsilon 1.23  0.10s"
 
 
 def test_the_bar_appears_with_the_first_round_and_a_resumed_run_starts_where_it_stopped():
