@@ -8,10 +8,11 @@ weights and the weights the client returned the last time it trained (the global
 cosine similarity, and l_con is averaged over the batch's real rows. The server is FedAvg's; it keeps each
 client's last returned weights, as SCAFFOLD keeps c_i, because flexp's clients keep nothing between rounds.
 
-The representation is the model's output (the logits): flexp's models expose only forward(params, x). The paper
-contrasts the output of a projection head on the features instead; a model whose forward returns its features
-is used the same way. Written with the `gradient` hook, as functional torch only, so it runs on the threads, Ray
-and vectorized engines alike. Its wire cost is FedAvg's: a deployed client keeps its previous model itself.
+The representation is the model's output (the logits): the `gradient` hook's batch gives only forward(params, x).
+The paper contrasts a projection head's output on the features instead; a functional forward of such a head in
+place of batch.forward for z, z_glob and z_prev would contrast it the same way. Written with the `gradient` hook,
+as functional torch only, so it runs on the threads, Ray and vectorized engines alike. Its wire cost is FedAvg's:
+a deployed client keeps its previous model itself.
 
     python -m flexp strategy=custom strategy._target_=flexp_examples.moon.MOON strategy.mu=1 strategy.tau=0.5
 """
