@@ -113,6 +113,25 @@ def test_moon_with_mu_0_is_fedavg_and_with_mu_1_is_not():
     assert (moon - fedavg.params).norm() > 1e-3 * (fedavg.params - start).norm()
 
 
+def test_a_label_flip_attack_reaches_moons_own_gradients():
+    from flexp.strategy.label_flip import LabelFlip
+
+    every = frozenset(range(8))
+    flipped = run(VectorizedEngine, LabelFlip(MOON(8, mu=0.0), every, data().num_classes))[0].params
+    fedavg_flipped = run(VectorizedEngine, LabelFlip(FedAvg(), every, data().num_classes))[0].params
+    assert_same_training(flipped, fedavg_flipped, chained_reductions("2nn"))
+    honest = run(VectorizedEngine, MOON(8, mu=0.0))[0].params
+    assert not torch.allclose(flipped, honest)
+
+
+def test_dp_sgd_refuses_an_algorithm_with_its_own_gradients(capsys):
+    from test_bad_config import cli_error
+
+    line = cli_error([*SMALL, "privacy=dp_sgd", "strategy=custom", "strategy._target_=flexp_examples.moon.MOON"],
+                     capsys)
+    assert line.startswith("privacy='dp_sgd': clips per-sample gradients") and "MOON computes its own" in line
+
+
 def test_the_documented_command_builds_moon_with_the_run_s_clients_and_trains():
     result = flexp.run(flexp.compose([*SMALL, "fl.fraction=0.5", "strategy=custom",
                                       "strategy._target_=flexp_examples.moon.MOON", "strategy.mu=5"]))

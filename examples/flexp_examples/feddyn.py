@@ -25,6 +25,8 @@ from flexp.client import ClientResult
 class FedDyn(Algorithm):
     """Holds h and every client's gradient state g_k (zero until the client has trained once)."""
 
+    mean_aggregate = False  # each reply updates its client's g_k
+
     def __init__(self, num_clients: int, alpha: float = 0.01) -> None:
         if alpha < 0:
             raise ValueError(f"alpha={alpha!r} must be >= 0")

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
-from flexp.algorithm import Algorithm, Batch, Params
+from flexp.algorithm import Algorithm, Batch, Params, hook_owner, overrides
 from flexp.client import ClientResult
 from flexp.component import Invalid
 from flexp.config import ConfigError
@@ -55,11 +55,16 @@ class DPSGD(Stage):
         self.worst = 0.0  # the largest per-client epsilon so far
 
     def check(self, model: nn.Module, algorithm: Algorithm) -> None:
-        """Per-sample gradients need a model without buffers (BatchNorm mixes samples)."""
+        """Per-sample gradients need a model without buffers (BatchNorm mixes samples), and an algorithm whose
+        gradients come from its `batch` and `loss` hooks (one with its own `gradient` hook would be bypassed)."""
         buffers = [name for name, _ in model.named_buffers()]
         if buffers:
             raise ConfigError("privacy", "dp_sgd", f"per-sample gradients need a model without buffers; this one "
                                                    f"has {', '.join(buffers[:3])} (BatchNorm mixes samples)")
+        if overrides(algorithm, "gradient"):
+            raise ConfigError("privacy", "dp_sgd", f"clips per-sample gradients of the strategy's loss hook, but "
+                                                   f"{type(hook_owner(algorithm, 'gradient')).__name__} computes its "
+                                                   "own gradients (the gradient hook), which DP-SGD would bypass")
 
     def client_state(self, message: Mapping[str, Tensor]) -> dict[str, Any]:
         return {"random": message["random"], "dp_step": torch.tensor(COUNTER, dtype=torch.int64)}

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from flexp.algorithm import Algorithm
+from flexp.algorithm import Algorithm, Batch, Params, overrides
 from flexp.attack import Attacker, flipped_labels
 
 
@@ -17,10 +18,17 @@ class LabelFlip(Attacker):
     def __init__(self, inner: Algorithm, malicious: frozenset[int], num_classes: int) -> None:
         super().__init__(inner, malicious)
         self.flipped, self.identity = flipped_labels(num_classes), torch.arange(num_classes)
+        if overrides(inner, "gradient"):  # inner computes its own gradients: its batch hook, not ours, would run
+            self.gradient = self.flipped_gradient
 
     def message(self, client: int, round_: int, params: torch.Tensor) -> dict[str, torch.Tensor]:
         label_map = self.flipped if client in self.malicious else self.identity
         return {**self.inner.message(client, round_, params), "label_map": label_map}
+
+    def flipped_gradient(self, batch: Batch, params: Params,
+                         cstate: dict[str, Any]) -> tuple[Params, torch.Tensor, dict[str, Any]]:
+        """inner's own gradient hook on the batch with its labels mapped."""
+        return self.inner.gradient(replace(batch, y=cstate["label_map"][batch.y]), params, cstate)
 
     def batch(self, x: torch.Tensor, y: torch.Tensor, cstate: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.inner.batch(x, y, cstate)
