@@ -123,12 +123,13 @@ def integer(argument: str, value: Any, low: int | None = None) -> int:
 @functools.cache
 def builtin_options(group: str) -> dict[str, dict[str, Any]]:
     """flexp's own options of a group by name: each conf/<group>/<name>.yaml that declares a `_target_`, as read."""
-    import yaml
+    from omegaconf import OmegaConf
 
     from flexp.searchpath import CONF_DIR
 
-    files = {path.stem: yaml.safe_load(path.read_text()) for path in sorted((CONF_DIR / group).glob("*.yaml"))}
-    return {name: node for name, node in files.items() if isinstance(node, dict) and "_target_" in node}
+    files = sorted((CONF_DIR / group).glob("*.yaml"))
+    nodes = {path.stem: OmegaConf.to_container(OmegaConf.load(path)) for path in files}
+    return {name: node for name, node in nodes.items() if isinstance(node, dict) and "_target_" in node}
 
 
 def builtin(group: str, option: str, **kwargs: Any) -> Component:

@@ -66,6 +66,7 @@ def test_the_cnn_with_batchnorm_and_dropout_learns_the_npz_clients(npz):
 @pytest.mark.parametrize("overrides, match", [
     (["strategy=custom"], "strategy._target_: must name a callable"),
     ([*FEDDYN, "strategy.alpah=1"], "strategy.alpah: unknown key; flexp_examples.feddyn.FedDyn takes num_clients"),
+    ([*FEDDYN, "strategy.alpha=-1"], "strategy.alpha=-1: must be >= 0.0"),
     (["strategy=custom", "strategy._target_=flexp_examples.cnn.SmallCNN"], "is not a flexp.algorithm.Algorithm"),
     (["strategy=fedprox", "strategy.muu=1"], "strategy.muu: unknown key; flexp.strategy.fedprox.FedProx takes mu"),
     (["strategy.mu=1"], "strategy.mu: unknown key; flexp.strategy.fedavg.FedAvg takes no arguments (strategy=fedprox "
