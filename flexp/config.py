@@ -8,14 +8,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from flexp.component import Component
+
 MODES = ("federated", "baseline")
 DATASETS = ("mnist", "synthetic")
 MODELS = ("2nn", "cnn", "logreg")
 PARTITIONS = ("iid", "shards", "dirichlet", "natural")
 ENGINES = ("auto", "threads", "vectorized", "ray")
 DEVICES = ("cpu", "cuda")
-STRATEGIES = ("fedavg", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "median",
-              "trimmed_mean", "krum", "multikrum")
 ATTACKS = ("none", "sign_flip", "gaussian", "label_flip")
 ARRIVALS = ("none", "linear", "step")
 SAMPLINGS = ("fixed", "poisson")
@@ -127,25 +127,6 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
-class StrategyConfig:
-    """The server's aggregation rule and its hyperparameters; or a `_target_` callable returning a
-    flexp.algorithm.Algorithm (`target`) and its keyword arguments (`kwargs`)."""
-
-    name: str = "fedavg"
-    mu: float = 0.0
-    server_lr: float = 1.0
-    momentum: float = 0.9
-    beta1: float = 0.9
-    beta2: float = 0.99
-    tau: float = 1e-3
-    trim: float = 0.1
-    byzantine: int = 1
-    keep: int = 1
-    target: str | None = None
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class ClientsConfig:
     """Systems heterogeneity: sampled clients that never return, and stragglers doing fewer local epochs."""
 
@@ -201,7 +182,7 @@ class ExperimentConfig:
     model: ModelConfig
     engine: EngineConfig
     tracking: TrackingConfig
-    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    strategy: Component = field(default_factory=lambda: DEFAULT_STRATEGY)
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -387,7 +368,8 @@ def check_arguments(key: str, target: str, options: Mapping[str, Any], supplied:
         takes = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
         for name in given:
             if name not in takes:
-                raise ConfigError(f"{section}.{name}", None, f"unknown key; {target} takes {', '.join(takes)}")
+                raise ConfigError(f"{section}.{name}", None,
+                                  f"unknown key; {target} takes {', '.join(takes) or 'no arguments'}")
     if "_args_" not in options:
         for name, p in params.items():
             needed = p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
@@ -487,60 +469,35 @@ def _tracking(tree: Mapping[str, Any]) -> TrackingConfig:
                           log_model=s.flag("log_model", default=True))
 
 
-STRATEGY_KEYS = tuple(f.name for f in fields(StrategyConfig) if f.name not in ("target", "kwargs"))
-STRATEGY_SUPPLIED = ("num_clients", "lr", "seed")  # passed to a strategy._target_ that takes them: K, fl.lr, seed
+STRATEGY_SUPPLIED = ("num_clients", "lr", "seed")  # passed to a strategy that takes them: K, fl.lr, seed
+DEFAULT_STRATEGY = Component("strategy", "fedavg", "flexp.strategy.fedavg.FedAvg")  # when the section is absent
 
 
-def _strategy(tree: Mapping[str, Any]) -> StrategyConfig:
-    """A built-in strategy (its keys; others are typos) or `_target_` with the callable's keyword arguments."""
-    if "strategy" not in tree:
-        return StrategyConfig()
-    s = _Section(tree, "strategy")
-    if "_target_" in s.node or "name" not in s.node:
-        return _target_strategy(s)
-    for key in s.node:
-        if key not in STRATEGY_KEYS:
-            raise ConfigError(s.key(key), None, f"unknown key; strategy has {', '.join(STRATEGY_KEYS)} (other keys "
-                                                "are keyword arguments of a strategy._target_)")
-    name, mu = s.choice("name", STRATEGIES), s.number("mu", low=0.0, default=0.0)
-    if mu and name != "fedprox":
-        raise ConfigError("strategy.mu", mu, f"is FedProx's proximal weight; strategy={name} does not use it "
-                                             "(choose strategy=fedprox)")
-    return StrategyConfig(
-        name=name,
-        mu=mu,
-        server_lr=s.number("server_lr", low=0.0, strict_low=True, default=1.0),
-        momentum=s.number("momentum", low=0.0, high=1.0, default=0.9),
-        beta1=s.number("beta1", low=0.0, high=1.0, default=0.9),
-        beta2=s.number("beta2", low=0.0, high=1.0, default=0.99),
-        tau=s.number("tau", low=0.0, strict_low=True, default=1e-3),
-        trim=s.number("trim", low=0.0, high=0.49, default=0.1),
-        byzantine=s.integer("byzantine", low=0, default=1),
-        keep=s.integer("keep", low=1, default=1),
-    )
-
-
-def _target_strategy(s: _Section) -> StrategyConfig:
-    """strategy._target_: an importable Algorithm (class or factory) taking every other key under `strategy`."""
-    target = s.raw("_target_", None)
-    if not isinstance(target, str) or not target.strip():
-        raise ConfigError("strategy._target_", target, "must name a callable returning a flexp.algorithm.Algorithm, "
-                                                       "e.g. strategy=custom strategy._target_=mypkg.MyAlgorithm")
-    name = s.node.get("name")
-    kwargs = {k: v for k, v in s.node.items() if k not in ("_target_", "name")}
-    for key, value in kwargs.items():
-        if value == "???":
-            raise ConfigError(s.key(key), None, "is missing")
+def _strategy(tree: Mapping[str, Any], fl: FLConfig, seed: int) -> Component:
+    """The strategy: a `_target_` Algorithm and its keyword arguments, a built-in's file (conf/strategy) or the
+    user's alike; built once here, so that an argument its class refuses stops before any data loads."""
+    node = tree.get("strategy")
+    if node is None:
+        return DEFAULT_STRATEGY
     from flexp.algorithm import Algorithm
+    from flexp.component import as_declared, naming_takers, parse_component
+    from flexp.strategy import make_strategy
 
-    check_arguments(s.key("_target_"), target, kwargs, STRATEGY_SUPPLIED, Algorithm)
-    if not isinstance(name, str) or name in STRATEGIES:  # strategy._target_ set over a built-in's file
-        name = target_name(target)
-    return StrategyConfig(name=name, target=target, kwargs=kwargs)
+    if isinstance(node, Mapping):
+        node = as_declared(node, "strategy")
+        if not isinstance(node.get("_target_"), str) or not node["_target_"].strip():
+            raise ConfigError("strategy._target_", node.get("_target_"), "must name a callable returning a "
+                              "flexp.algorithm.Algorithm, e.g. strategy=custom strategy._target_=mypkg.MyAlgorithm")
+    try:
+        strategy = parse_component({"strategy": node}, "strategy", STRATEGY_SUPPLIED, Algorithm)
+    except ConfigError as err:
+        raise naming_takers(err, "strategy") from None
+    make_strategy(strategy, fl.clients, fl.lr, seed)
+    return strategy
 
 
 SECTIONS = {"fl": FLConfig, "baseline": BaselineConfig, "dataset": DatasetConfig, "partition": PartitionConfig,
-            "model": ModelConfig, "engine": EngineConfig, "tracking": TrackingConfig, "strategy": StrategyConfig,
+            "model": ModelConfig, "engine": EngineConfig, "tracking": TrackingConfig, "strategy": Component,
             "clients": ClientsConfig, "attack": AttackConfig, "data": DataConfig,
             "checkpoint": CheckpointConfig}
 TOP_LEVEL = ("mode", "seed", "report", "resume", "callbacks", "loss", "metrics", "privacy", *SECTIONS)
@@ -611,11 +568,12 @@ def parse_config(tree: Mapping[str, Any]) -> ExperimentConfig:
     """Validate a resolved config mapping into an ExperimentConfig, or raise ConfigError naming the bad key."""
     _check_keys(tree)
     top = _Section(tree, "")
-    model, strategy = _model(tree), _strategy(tree)
+    fl, seed = _fl(tree), top.integer("seed", low=0)
+    model, strategy = _model(tree), _strategy(tree, fl, seed)
     return ExperimentConfig(
         mode=top.choice("mode", MODES),
-        seed=top.integer("seed", low=0),
-        fl=_fl(tree),
+        seed=seed,
+        fl=fl,
         baseline=_baseline(tree),
         dataset=_dataset(tree),
         partition=_partition(tree),
@@ -644,7 +602,7 @@ def _stage(tree: Mapping[str, Any], section: str) -> Any:
     return parse_component(tree, section, supplied=("plan",), kind=Stage)
 
 
-def named_targets(tree: Mapping[str, Any], model: ModelConfig, strategy: StrategyConfig) -> Mapping[str, Any]:
+def named_targets(tree: Mapping[str, Any], model: ModelConfig, strategy: Component) -> Mapping[str, Any]:
     """`tree` with model.name and strategy.name set to the parsed names where a `_target_` is set, so the logged
     params (and the report's lookups) never name the built-in whose file the `_target_` was set over."""
     out = dict(tree)

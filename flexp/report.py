@@ -135,6 +135,7 @@ def build_table(runs: pd.DataFrame,
                      pd.to_numeric(runs["tags.flexp.job_num"], errors="coerce").values)
     varying = [k for k in params if frame[k].nunique(dropna=False) > 1]
     varying = [k for k in varying if k in KEYS or not implied(frame, k, [v for v in varying if v in KEYS])]
+    varying = [k for k in varying if not named_apart(frame, k, varying)]
     targets = {number(t) for t in frame.get("fl.target_accuracy", pd.Series([None]))}
     if len(targets) > 1:
         raise LookupError(f"the runs have different fl.target_accuracy values {sorted(map(str, targets))}; "
@@ -166,6 +167,13 @@ def stopped(runs: pd.DataFrame) -> list[str]:
 def implied(frame: pd.DataFrame, key: str, by: list[str]) -> bool:
     """True if `key` is fixed by the keys `by` (e.g. partition.shards_per_client by partition.name)."""
     return bool(by) and frame.groupby(by, dropna=False)[key].nunique(dropna=False).max() <= 1
+
+
+def named_apart(frame: pd.DataFrame, key: str, varying: list[str]) -> bool:
+    """True for a `<section>._target_` that the varying `<section>.name` tells apart already (strategy=fedavg,fedprox
+    logs each built-in's class too)."""
+    name = f"{key.removesuffix('._target_')}.name"
+    return key.endswith("._target_") and name in varying and implied(frame, key, [name])
 
 
 def with_paper(frame: pd.DataFrame, target: float | None, table: str | None) -> pd.DataFrame:

@@ -7,7 +7,8 @@ from rounding import assert_same_sgd, chained_reductions, longest_sum, most_step
 
 from flexp.attack import flipped_labels, gaussian, malicious_clients, poison, sign_flip
 from flexp.client import LocalSpec
-from flexp.config import AttackConfig, DatasetConfig, FLConfig, StrategyConfig
+from flexp.component import builtin
+from flexp.config import AttackConfig, DatasetConfig, FLConfig
 from flexp.data import load_dataset
 from flexp.engine.threads import ThreadEngine
 from flexp.engine.vectorized import VectorizedEngine
@@ -18,6 +19,7 @@ from flexp.partition import iid
 from flexp.strategy import make_algorithm
 
 CLEAN_DATA = DatasetConfig(name="synthetic", users=30, alpha=0.0, beta=0.0, seed=0)
+ROBUST = {"trimmed_mean": {"trim": 0.3}, "krum": {"byzantine": 6}, "multikrum": {"byzantine": 6, "keep": 5}}
 
 
 def test_malicious_clients_are_a_fixed_seeded_fraction():
@@ -45,7 +47,7 @@ def _run(strategy: str, attack: AttackConfig, engine_cls=VectorizedEngine, round
     model = build_model("logreg", data.input_shape, data.num_classes)
     engine = engine_cls(lambda: build_model("logreg", data.input_shape, data.num_classes), data.train,
                         LocalSpec(1, 10, fl.lr), **kwargs)
-    cfg = StrategyConfig(name=strategy, trim=0.3, byzantine=6, keep=5)
+    cfg = builtin("strategy", strategy, **ROBUST.get(strategy, {}))
     return run_fedavg(model, parts, data.test, fl, engine, 1,
                       strategy=make_algorithm(cfg, attack, 30, fl.lr, 1, data.num_classes))
 

@@ -66,8 +66,14 @@ def test_the_cnn_with_batchnorm_and_dropout_learns_the_npz_clients(npz):
 @pytest.mark.parametrize("overrides, match", [
     (["strategy=custom"], "strategy._target_: must name a callable"),
     ([*FEDDYN, "strategy.alpah=1"], "strategy.alpah: unknown key; flexp_examples.feddyn.FedDyn takes num_clients"),
+    ([*FEDDYN, "strategy.alpha=-1"], "strategy.alpha=-1: must be >= 0.0"),
     (["strategy=custom", "strategy._target_=flexp_examples.cnn.SmallCNN"], "is not a flexp.algorithm.Algorithm"),
-    (["strategy=fedprox", "strategy.muu=1"], "strategy.muu: unknown key; strategy has name, mu,"),
+    (["strategy=fedprox", "strategy.muu=1"], "strategy.muu: unknown key; flexp.strategy.fedprox.FedProx takes mu"),
+    (["strategy.mu=1"], "strategy.mu: unknown key; flexp.strategy.fedavg.FedAvg takes no arguments (strategy=fedprox "
+                        "takes it)"),
+    (["strategy=fedadam", "strategy.name=fedyogi"], "strategy.name='fedyogi': names the built-in "
+     "flexp.strategy.fedopt.FedYogi, but strategy._target_ is flexp.strategy.fedopt.FedAdam: choose one with "
+     "strategy=fedyogi or strategy=fedadam"),
 ])
 def test_strategy_keys_are_checked_against_the_target_or_the_builtin(overrides, match):
     from flexp.config import ConfigError
@@ -80,10 +86,11 @@ def test_a_target_gets_num_clients_and_its_own_arguments_and_must_build_an_algor
     cfg = experiment(flexp.compose([*FEDDYN, "strategy.alpha=0.25", "fl.clients=7"])).strategy
     built = make_strategy(cfg, 7, 0.1, 0)
     assert (cfg.name, built.num_clients, built.alpha) == ("FedDyn", 7, 0.25)
-    from flexp.config import ConfigError, StrategyConfig
+    from flexp.component import Component
+    from flexp.config import ConfigError
 
     with pytest.raises(ConfigError, match=re.escape("strategy._target_='builtins.dict': returned dict, not a flexp")):
-        make_strategy(StrategyConfig(name="x", target="builtins.dict"))
+        make_strategy(Component("strategy", "x", "builtins.dict"))
 
 
 def replies(steps, num_samples, params):

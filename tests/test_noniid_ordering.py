@@ -5,7 +5,8 @@ FedProx (mu=1) 15, SCAFFOLD 7; FedAvg never reaches 0.50, the others by rounds 2
 import torch
 
 from flexp.client import LocalSpec
-from flexp.config import DatasetConfig, FLConfig, StrategyConfig
+from flexp.component import builtin
+from flexp.config import DatasetConfig, FLConfig
 from flexp.data import load_dataset
 from flexp.engine.vectorized import VectorizedEngine
 from flexp.fedavg import run_fedavg
@@ -17,7 +18,7 @@ from flexp.strategy import make_strategy
 TARGET = 0.45
 
 
-def _rounds_to_target(name: str, mu: float = 0.0) -> float | None:
+def _rounds_to_target(name: str, **kwargs: float) -> float | None:
     data = load_dataset(DatasetConfig(name="synthetic", users=30, alpha=1.0, beta=1.0, seed=0))
     parts = natural(data.train_groups, 30)
     fl = FLConfig(clients=30, fraction=0.33, local_epochs=10, batch_size=10, lr=0.01, rounds=30, eval_every=1,
@@ -26,7 +27,7 @@ def _rounds_to_target(name: str, mu: float = 0.0) -> float | None:
     model = build_model("logreg", data.input_shape, data.num_classes)
     engine = VectorizedEngine(lambda: build_model("logreg", data.input_shape, data.num_classes), data.train,
                               LocalSpec(fl.local_epochs, fl.batch_size, fl.lr))
-    strategy = make_strategy(StrategyConfig(name=name, mu=mu), fl.clients, fl.lr)
+    strategy = make_strategy(builtin("strategy", name, **kwargs), fl.clients, fl.lr)
     return rounds_to_target(run_fedavg(model, parts, data.test, fl, engine, 1, strategy=strategy).accuracies(), TARGET)
 
 

@@ -9,7 +9,7 @@ from conftest import SMALL, mlflow_client, run_cli
 
 from flexp.metrics import interpolated_rounds_to_target
 from flexp.paper import paper_rounds
-from flexp.report import add_speedups, report, summarise
+from flexp.report import add_speedups, build_table, report, summarise
 from flexp.ui import VIEW_TAG
 
 
@@ -42,6 +42,15 @@ def test_speedups_against_the_reference_row_with_the_same_other_keys():
     unreached = add_speedups(table.assign(rounds_to_target_interp=[None, 5.0, 5.0, 30.0, 10.0, 7.5]),
                              {"fl.fraction": 0.0}, ["fl.fraction", "fl.batch_size"])
     assert unreached["speedup"].iloc[:3].isna().all()
+
+
+def test_a_swept_strategys_class_is_left_to_its_name_and_a_target_without_one_is_shown():
+    runs = pd.DataFrame({"run_id": ["a", "b"], "params.strategy.name": ["fedavg", "fedprox"],
+                         "params.strategy._target_": ["flexp.strategy.fedavg.FedAvg", "flexp.strategy.fedprox.FedProx"],
+                         "params.strategy.mu": [None, "0.01"], "params.model._target_": ["m.A", "m.B"]})
+    frame, varying, _ = build_table(runs, {"a": [(1, 0.5)], "b": [(1, 0.6)]})
+    assert varying == ["model._target_", "strategy.mu", "strategy.name"]
+    assert frame["best_accuracy"].tolist() == [0.5, 0.6]
 
 
 def test_paper_numbers_only_where_the_setting_matches():

@@ -2,13 +2,15 @@
 
 import pytest
 import torch
+from conftest import SMALL
+from omegaconf import OmegaConf
 
 from flexp.aggregate import fedavg
 from flexp.client import ClientResult
-from flexp.config import StrategyConfig
+from flexp.component import builtin, builtin_options
 from flexp.strategy import make_strategy
 from flexp.strategy.fedavgm import FedAvgM
-from flexp.strategy.fedopt import FedOpt, second_moment
+from flexp.strategy.fedopt import FedAdam, FedYogi, second_moment
 from flexp.strategy.krum import krum_scores, multi_krum
 from flexp.strategy.median import coordinate_median
 from flexp.strategy.trimmed_mean import trimmed_mean
@@ -32,7 +34,7 @@ def test_fedavgm_hand_computed_over_two_rounds():
 
 
 def test_fedadam_hand_computed_first_round():
-    s = FedOpt("adam", server_lr=0.1, beta1=0.9, beta2=0.99, tau=0.01)
+    s = FedAdam(server_lr=0.1, beta1=0.9, beta2=0.99, tau=0.01)
     delta = torch.tensor([0.5, 3.75], dtype=torch.float64)
     m, v = 0.1 * delta, 0.01 * delta**2
     expected = W.double() + 0.1 * m / (v.sqrt() + 0.01)
@@ -47,8 +49,8 @@ def test_second_moments_of_adagrad_adam_yogi():
 
 
 @pytest.mark.parametrize("strategy", [FedAvgM(server_lr=1.0, momentum=0.0),
-                                      FedOpt("adam", server_lr=0.5, beta1=0.0, beta2=1.0, tau=0.5),
-                                      FedOpt("yogi", server_lr=0.5, beta1=0.0, beta2=1.0, tau=0.5)])
+                                      FedAdam(server_lr=0.5, beta1=0.0, beta2=1.0, tau=0.5),
+                                      FedYogi(server_lr=0.5, beta1=0.0, beta2=1.0, tau=0.5)])
 def test_degenerate_settings_equal_fedavg_exactly(strategy):
     torch.manual_seed(0)
     w = torch.randn(1000)
@@ -79,12 +81,28 @@ def test_krum_scores_and_selection():
     assert torch.equal(multi_krum(points, [1, 1, 2, 1], 1, 3), torch.tensor([1.25]))
 
 
-@pytest.mark.parametrize("name", ["median", "trimmed_mean", "krum", "multikrum"])
-def test_robust_strategies_ignore_a_sign_flipped_minority(name):
+@pytest.mark.parametrize("name, kwargs", [("median", {}), ("trimmed_mean", {"trim": 0.2}), ("krum", {"byzantine": 2}),
+                                          ("multikrum", {"byzantine": 2, "keep": 4})])
+def test_robust_strategies_ignore_a_sign_flipped_minority(name, kwargs):
     torch.manual_seed(1)
     honest = [torch.ones(50) + 0.01 * torch.randn(50) for _ in range(8)]
     attackers = [-10 * torch.ones(50) for _ in range(2)]
-    strategy = make_strategy(StrategyConfig(name=name, trim=0.2, byzantine=2, keep=4))
+    strategy = make_strategy(builtin("strategy", name, **kwargs))
     out = strategy.aggregate(1, torch.zeros(50), replies(honest + attackers, [1] * 10))
     assert (out - 1).abs().max() < 0.05
     assert (fedavg(honest + attackers, [1] * 10) - 1).abs().max() > 1.0
+
+
+def test_each_builtin_file_is_read_as_its_name_and_a_config_without_targets_reads_the_same():
+    """conf/strategy/<name>.yaml parses to its own class under <name>; a config written before built-ins carried
+    a `_target_` (as an older checkpoint's) takes its file's class and arguments."""
+    import flexp
+    from flexp.config import parse_config
+
+    tree = OmegaConf.to_container(flexp.compose(SMALL), resolve=True)
+    options = builtin_options("strategy")
+    assert {"fedavg", "fedprox", "scaffold", "fedadam", "krum", "multikrum"} <= set(options)
+    for name, node in options.items():
+        declared = parse_config({**tree, "strategy": node}).strategy
+        older = parse_config({**tree, "strategy": {k: v for k, v in node.items() if k != "_target_"}}).strategy
+        assert declared == older == builtin("strategy", name) and declared.name == name

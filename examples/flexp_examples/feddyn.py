@@ -20,6 +20,7 @@ from torch import Tensor
 from flexp.aggregate import weighted_average
 from flexp.algorithm import Algorithm, Params, client_tensors, tensors, unflatten
 from flexp.client import ClientResult
+from flexp.component import number
 
 
 class FedDyn(Algorithm):
@@ -28,9 +29,7 @@ class FedDyn(Algorithm):
     mean_aggregate = False  # each reply updates its client's g_k
 
     def __init__(self, num_clients: int, alpha: float = 0.01) -> None:
-        if alpha < 0:
-            raise ValueError(f"alpha={alpha!r} must be >= 0")
-        self.num_clients, self.alpha = num_clients, alpha
+        self.num_clients, self.alpha = num_clients, number("alpha", alpha, low=0.0)
         self.h: Tensor | None = None
         self.grad: dict[int, Tensor] = {}
 

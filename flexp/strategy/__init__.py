@@ -11,35 +11,23 @@ from collections.abc import Sequence
 import torch
 
 from flexp.algorithm import Algorithm, tensors
-from flexp.config import AttackConfig, ConfigError, StrategyConfig
+from flexp.component import Component, build
+from flexp.config import AttackConfig, ConfigError
 
 __all__ = ["Algorithm", "make_algorithm", "make_strategy", "stacked", "tensors"]
 
 
-def make_strategy(cfg: StrategyConfig, num_clients: int = 0, lr: float = 0.0, seed: int = 0) -> Algorithm:
-    """The configured algorithm (SCAFFOLD needs K and the clients' learning rate; a _target_ gets what it takes)."""
-    if cfg.target is not None:
-        return build_target(cfg, num_clients, lr, seed)
-    from flexp.strategy import fedavg, fedavgm, fedopt, fedprox, krum, median, scaffold, trimmed_mean
-
-    if cfg.name == "fedavg":
-        return fedavg.FedAvg()
-    if cfg.name == "fedprox":
-        return fedprox.FedProx(cfg.mu)
-    if cfg.name == "scaffold":
-        return scaffold.Scaffold(num_clients, lr, cfg.server_lr)
-    if cfg.name == "fedavgm":
-        return fedavgm.FedAvgM(cfg.server_lr, cfg.momentum)
-    if cfg.name in ("fedadam", "fedyogi", "fedadagrad"):
-        return fedopt.FedOpt(cfg.name[3:], cfg.server_lr, cfg.beta1, cfg.beta2, cfg.tau)
-    if cfg.name == "median":
-        return median.Median()
-    if cfg.name == "trimmed_mean":
-        return trimmed_mean.TrimmedMean(cfg.trim)
-    return krum.Krum(cfg.byzantine, 1 if cfg.name == "krum" else cfg.keep)
+def make_strategy(cfg: Component, num_clients: int = 0, lr: float = 0.0, seed: int = 0) -> Algorithm:
+    """The configured algorithm, built from its `_target_` and arguments (a built-in's or the user's alike), given
+    num_clients (K), lr (fl.lr) and seed where it takes them and the config does not set them (SCAFFOLD takes K, lr)."""
+    algorithm = build(cfg, num_clients=num_clients, lr=lr, seed=seed)
+    if not isinstance(algorithm, Algorithm):
+        raise ConfigError(f"{cfg.section}._target_", cfg.target,
+                          f"returned {type(algorithm).__name__}, not a flexp.algorithm.Algorithm")
+    return algorithm
 
 
-def make_algorithm(cfg: StrategyConfig, attack: AttackConfig, num_clients: int, lr: float, seed: int,
+def make_algorithm(cfg: Component, attack: AttackConfig, num_clients: int, lr: float, seed: int,
                    num_classes: int) -> Algorithm:
     """The configured algorithm, wrapped in the configured attacker (its malicious clients drawn from the seed)."""
     algorithm = make_strategy(cfg, num_clients, lr, seed)
@@ -54,27 +42,6 @@ def make_algorithm(cfg: StrategyConfig, attack: AttackConfig, num_clients: int, 
     if attack.name == "gaussian":
         return gaussian.Gaussian(algorithm, malicious, attack.scale, seed)
     return label_flip.LabelFlip(algorithm, malicious, num_classes)
-
-
-def build_target(cfg: StrategyConfig, num_clients: int, lr: float, seed: int) -> Algorithm:
-    """Hydra's instantiate of `strategy._target_` with its keyword arguments, plus num_clients, lr and seed where
-    the callable takes them and the config does not set them."""
-    from hydra.utils import instantiate
-
-    from flexp.models import accepts, first_line, locate
-
-    key = "strategy._target_"
-    func = locate(cfg.target, key)
-    supplied = {"num_clients": num_clients, "lr": lr, "seed": seed}
-    node = {"_target_": cfg.target, **cfg.kwargs,
-            **{k: v for k, v in supplied.items() if k not in cfg.kwargs and accepts(func, k)}}
-    try:
-        algorithm = instantiate(node, _convert_="all")
-    except Exception as err:
-        raise ConfigError(key, cfg.target, f"failed to build the algorithm ({first_line(err)})") from None
-    if not isinstance(algorithm, Algorithm):
-        raise ConfigError(key, cfg.target, f"returned {type(algorithm).__name__}, not a flexp.algorithm.Algorithm")
-    return algorithm
 
 
 def stacked(params: Sequence[torch.Tensor]) -> torch.Tensor:

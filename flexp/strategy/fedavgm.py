@@ -10,6 +10,7 @@ import torch
 from flexp.aggregate import weighted_average
 from flexp.algorithm import Algorithm, tensors
 from flexp.client import ClientResult
+from flexp.component import number
 
 
 def momentum_step(global_params: torch.Tensor, average: torch.Tensor, velocity: torch.Tensor | None,
@@ -24,7 +25,8 @@ class FedAvgM(Algorithm):
     """FedAvg with server momentum; momentum=0, server_lr=1 is FedAvg exactly."""
 
     def __init__(self, server_lr: float = 1.0, momentum: float = 0.9) -> None:
-        self.server_lr, self.momentum = server_lr, momentum
+        self.server_lr = number("server_lr", server_lr, low=0.0, strict_low=True)
+        self.momentum = number("momentum", momentum, low=0.0, high=1.0)
         self.velocity: torch.Tensor | None = None
 
     def aggregate(self, round_: int, global_params: torch.Tensor, replies: Sequence[ClientResult]) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 from flexp.aggregate import weighted_average
 from flexp.algorithm import Algorithm, tensors
 from flexp.client import ClientResult
+from flexp.component import number
 
 
 def second_moment(kind: str, v: torch.Tensor, delta: torch.Tensor, beta2: float) -> torch.Tensor:
@@ -23,11 +24,18 @@ def second_moment(kind: str, v: torch.Tensor, delta: torch.Tensor, beta2: float)
 
 
 class FedOpt(Algorithm):
-    """w <- w + server_lr * m / (sqrt(v) + tau), m and v moments of delta = average - w (bias-uncorrected)."""
+    """w <- w + server_lr * m / (sqrt(v) + tau), m and v moments of delta = average - w (bias-uncorrected); `kind`,
+    the second moment, is each variant's (FedAdam, FedYogi, FedAdagrad)."""
 
-    def __init__(self, kind: str, server_lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99,
-                 tau: float = 1e-3) -> None:
-        self.kind, self.server_lr, self.beta1, self.beta2, self.tau = kind, server_lr, beta1, beta2, tau
+    kind: str
+
+    def __init__(self, server_lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
+        if not hasattr(self, "kind"):
+            raise TypeError("FedOpt is the base of FedAdam, FedYogi and FedAdagrad: build one of those")
+        self.server_lr = number("server_lr", server_lr, low=0.0, strict_low=True)
+        self.beta1 = number("beta1", beta1, low=0.0, high=1.0)
+        self.beta2 = number("beta2", beta2, low=0.0, high=1.0)
+        self.tau = number("tau", tau, low=0.0, strict_low=True)
         self.m: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
 
@@ -49,3 +57,21 @@ class FedOpt(Algorithm):
         if len(moments) == 1:
             raise ValueError(f"fed{self.kind} state has only {next(iter(moments))}; it needs both m and v")
         self.m, self.v = moments.get("m"), moments.get("v")
+
+
+class FedAdam(FedOpt):
+    """v: an exponential moving average of delta^2."""
+
+    kind = "adam"
+
+
+class FedYogi(FedOpt):
+    """v: Yogi's sign-controlled additive update."""
+
+    kind = "yogi"
+
+
+class FedAdagrad(FedOpt):
+    """v: the running sum of delta^2."""
+
+    kind = "adagrad"

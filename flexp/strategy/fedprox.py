@@ -8,13 +8,14 @@ from typing import Any
 from torch import Tensor
 
 from flexp.algorithm import Algorithm, Params
+from flexp.component import number
 
 
 class FedProx(Algorithm):
     """The proximal term enters as its gradient, mu (w - anchor), added before the SGD step; mu=0 is FedAvg."""
 
     def __init__(self, mu: float = 0.0) -> None:
-        self.mu = mu
+        self.mu = number("mu", mu, low=0.0)
 
     def client_init(self, params: Params, message: Mapping[str, Tensor]) -> dict[str, Any]:
         return {**message, "anchor": params}

@@ -9,6 +9,7 @@ import torch
 from flexp.aggregate import weighted_average
 from flexp.algorithm import Algorithm
 from flexp.client import ClientResult
+from flexp.component import integer
 from flexp.strategy import stacked
 
 
@@ -28,14 +29,22 @@ def multi_krum(params: Sequence[torch.Tensor], num_samples: Sequence[int], byzan
     return weighted_average([params[i] for i in chosen], [num_samples[i] for i in chosen])
 
 
-class Krum(Algorithm):
-    """Multi-Krum keeping `keep` clients (1: Krum) under at most `byzantine` attackers."""
+class MultiKrum(Algorithm):
+    """Multi-Krum keeping `keep` clients under at most `byzantine` attackers."""
 
     mean_aggregate = False  # it ranks individual replies
 
-    def __init__(self, byzantine: int = 1, keep: int = 1) -> None:
-        self.byzantine, self.keep = byzantine, keep
+    def __init__(self, byzantine: int = 1, keep: int = 5) -> None:
+        self.byzantine = integer("byzantine", byzantine, low=0)
+        self.keep = integer("keep", keep, low=1)
 
     def aggregate(self, round_: int, global_params: torch.Tensor, replies: Sequence[ClientResult]) -> torch.Tensor:
         return multi_krum([r.params for r in replies], [r.num_samples for r in replies], self.byzantine,
                           min(self.keep, len(replies)))
+
+
+class Krum(MultiKrum):
+    """Multi-Krum keeping one client."""
+
+    def __init__(self, byzantine: int = 1) -> None:
+        super().__init__(byzantine, keep=1)

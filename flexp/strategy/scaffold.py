@@ -15,6 +15,7 @@ import torch
 from flexp.aggregate import weighted_average
 from flexp.algorithm import Algorithm, Params, client_tensors, tensors, unflatten
 from flexp.client import ClientResult
+from flexp.component import integer, number
 
 
 def client_control(c_i: torch.Tensor, c: torch.Tensor, x: torch.Tensor, y: torch.Tensor, steps: int,
@@ -38,7 +39,10 @@ class Scaffold(Algorithm):
     mean_aggregate = False  # it uses each client's own reply (to update its c_i), not only their mean
 
     def __init__(self, num_clients: int, lr: float, server_lr: float = 1.0) -> None:
-        self.num_clients, self.lr, self.server_lr = num_clients, lr, server_lr
+        """num_clients (K) and lr (the clients' rate) are fl.clients and fl.lr, supplied by flexp."""
+        self.num_clients = integer("num_clients", num_clients, low=1)
+        self.lr = number("lr", lr, low=0.0, strict_low=True)
+        self.server_lr = number("server_lr", server_lr, low=0.0, strict_low=True)
         self.c: torch.Tensor | None = None
         self.c_i: dict[int, torch.Tensor] = {}
 

@@ -8,6 +8,7 @@ import torch
 
 from flexp.algorithm import Algorithm
 from flexp.client import ClientResult
+from flexp.component import number
 from flexp.strategy import stacked
 
 
@@ -26,8 +27,8 @@ class TrimmedMean(Algorithm):
 
     mean_aggregate = False  # it ranks individual replies
 
-    def __init__(self, beta: float = 0.1) -> None:
-        self.beta = beta
+    def __init__(self, trim: float = 0.1) -> None:
+        self.trim = number("trim", trim, low=0.0, high=0.49)
 
     def aggregate(self, round_: int, global_params: torch.Tensor, replies: Sequence[ClientResult]) -> torch.Tensor:
-        return trimmed_mean([r.params for r in replies], self.beta)
+        return trimmed_mean([r.params for r in replies], self.trim)
