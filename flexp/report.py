@@ -21,7 +21,7 @@ from flexp.paper import NOT_REACHED, paper_missing, paper_rounds, percent
 from flexp.selection import LR, best_rates, cell_keys, is_lr_grid, rates_table, unreached
 
 KEYS = ("model.name", "partition.name", "dataset.name", "fl.clients", "fl.fraction", "fl.local_epochs",
-        "fl.batch_size", "fl.lr", "fl.rounds", "fl.target_accuracy", "seed", "mode")
+        "fl.batch_size", "fl.lr", "fl.rounds", "fl.target_accuracy", "seed", "mode", "privacy.name")
 
 
 def number(text: object) -> float | None:
@@ -434,6 +434,153 @@ def cumulative_bytes(traffic: Mapping[str, list[tuple[int, float]]], steps: list
     return out if len(out) == len(steps) else [float(s) for s in steps]
 
 
+PRIVACY = "privacy"   # report.table of a privacy-utility sweep (sweeps/sweep/privacy.yaml)
+NON_PRIVATE = "non-private"
+SHARED = (("privacy.clip", "clip"), ("privacy.delta_used", "δ"), ("privacy.sampling_accounted", "sampling accounted"),
+          ("privacy.accountant_used", "accountant"))
+
+
+def spent(value: object) -> float:
+    """A logged epsilon as a number: MLflow stores inf (no noise) as the largest float; nan when none was logged."""
+    value = math.nan if value is None else float(value)
+    return math.inf if value >= sys.float_info.max else value
+
+
+def level(mechanism: str, target: object, noise: float, several: bool) -> str:
+    """A run's privacy level: its target epsilon ('8', 'inf'), else its noise multiplier ('z=1.1'); 'non-private'
+    without privacy; the mechanism first when the runs use several."""
+    if mechanism == "none":
+        return NON_PRIVATE
+    unset = target is None or pd.isna(target) or str(target).lower() in ("none", "null")
+    text = f"z={noise:g}" if unset else f"{float(str(target)):g}"
+    return f"{mechanism} {text}" if several else text
+
+
+def privacy_table(runs: pd.DataFrame, frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """One row per privacy level, the least epsilon first and the non-private run last: the noise multiplier used,
+    epsilon spent after the last round, final and best test accuracy, rounds; plus how many runs it leaves out (of a
+    level run more than once it keeps the latest finished run)."""
+    def param(key: str) -> pd.Series:
+        return runs.get(f"params.{key}", pd.Series(None, index=runs.index, dtype=object))
+
+    mechanism = param("privacy.name").fillna("none").astype(str)
+    several = mechanism[mechanism != "none"].nunique() > 1
+    noise = pd.to_numeric(param("privacy.noise_multiplier_used"), errors="coerce")
+    table = pd.DataFrame({
+        "run_id": runs["run_id"], "mechanism": mechanism,
+        "level": [level(m, t, z, several) for m, t, z in zip(mechanism, param("privacy.target_epsilon"), noise)],
+        "noise_multiplier": noise,
+        "epsilon": [spent(e) for e in runs.get("metrics.epsilon", pd.Series(math.nan, index=runs.index))],
+        "_done": runs.get("status", pd.Series("", index=runs.index)) == "FINISHED",
+        "_start": runs.get("start_time", pd.Series(0, index=runs.index)),
+    }, index=runs.index).merge(frame[["run_id", "final_accuracy", "best_accuracy", "rounds"]], on="run_id")
+    kept = table.sort_values(["_done", "_start"], kind="stable").drop_duplicates("level", keep="last")
+    kept = kept.assign(_public=kept["mechanism"] == "none", _eps=kept["epsilon"].fillna(math.inf),
+                       _z=-kept["noise_multiplier"].fillna(0.0))
+    kept = kept.sort_values(["_public", "mechanism", "_eps", "_z"], kind="stable")
+    return kept.drop(columns=[c for c in kept if c.startswith("_")]).reset_index(drop=True), len(table) - len(kept)
+
+
+def privacy_caption(runs: pd.DataFrame, left_out: int) -> str:
+    """The table's caption: what the private runs share (clip, delta, sampling, accountant: its value, or 'varies')
+    and how many runs of a level run again it leaves out."""
+    private = runs.loc[runs.get("params.privacy.name", pd.Series("none", index=runs.index)).fillna("none") != "none"]
+    shared = []
+    for key, name in SHARED:
+        values = private.get(f"params.{key}", pd.Series(dtype=object)).dropna().unique()
+        if len(values) > 1:
+            shared.append(f"{name} varies")
+        elif len(values):
+            shared.append(f"{name} {number(values[0]):.3g}" if key == "privacy.delta_used" else f"{name} {values[0]}")
+    again = f"; {left_out} earlier run(s) of a level run again left out" if left_out else ""
+    return (f"Privacy against utility, one row per privacy level (target ε; the noise multiplier calibrated to it for "
+            f"the planned rounds; ε spent after the last round{'; ' if shared else ''}{', '.join(shared)}{again}):")
+
+
+def privacy_markdown(table: pd.DataFrame, caption: str) -> str:
+    """The privacy-utility table as Markdown under its caption."""
+    def eps(value: float) -> str:
+        return "—" if pd.isna(value) else "∞" if math.isinf(value) else f"{value:.2f}"
+
+    lines = [f"{caption}\n\n", "| target ε | noise multiplier | ε spent | final accuracy | best accuracy | rounds |\n",
+             "|---|---|---|---|---|---|\n"]
+    for r in table.to_dict("records"):
+        noise = "—" if pd.isna(r["noise_multiplier"]) else f"{r['noise_multiplier']:.3g}"
+        lines.append(f"| {r['level']} | {noise} | {eps(r['epsilon'])} | {r['final_accuracy']:.4f} | "
+                     f"{r['best_accuracy']:.4f} | {r['rounds']} |\n")
+    return "".join(lines)
+
+
+def level_label(row: Mapping[str, object]) -> str:
+    """A privacy level's legend entry: 'ε = 8 (z=0.87)', 'ε = inf (clipping, no noise)', 'non-private'."""
+    if row["mechanism"] == "none":
+        return NON_PRIVATE
+    how = "clipping, no noise" if row["epsilon"] == math.inf else f"z={row['noise_multiplier']:.2g}"
+    return f"ε = {row['level']} ({how})"
+
+
+def epsilon_axes(ax: object, table: pd.DataFrame) -> None:
+    """Final accuracy against epsilon spent (log x, each point marked with its noise multiplier); a level without
+    noise and the non-private run as horizontal lines."""
+    from matplotlib.ticker import NullFormatter
+
+    finite = table.loc[table["epsilon"].between(0, math.inf, inclusive="neither")]
+    ax.plot(finite["epsilon"], finite["final_accuracy"], "o-", label="final accuracy")
+    for r in finite.to_dict("records"):
+        ax.annotate(f"z={r['noise_multiplier']:.2g}", (r["epsilon"], r["final_accuracy"]), textcoords="offset points",
+                    xytext=(5, 5), fontsize=7)
+    for r in table.loc[~table.index.isin(finite.index)].to_dict("records"):
+        public = r["mechanism"] == "none"
+        ax.axhline(r["final_accuracy"], color="black" if public else "gray", linestyle=":" if public else "--",
+                   label=f"{level_label(r)}: {r['final_accuracy']:.4f}")
+    ax.set_xscale("log")
+    ax.set_xticks(list(finite["epsilon"]), [f"{e:.3g}" for e in finite["epsilon"]])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("ε spent (log scale)")
+    ax.set_ylabel("final test accuracy")
+    ax.legend(fontsize=7, loc="lower right")
+
+
+def rounds_axes(ax: object, table: pd.DataFrame, accs: Mapping[str, list[tuple[int, float]]]) -> None:
+    """Test accuracy against round, one line per privacy level (the non-private run dotted black)."""
+    for r in table.to_dict("records"):
+        style = dict(color="black", linestyle=":") if r["mechanism"] == "none" else {}
+        history = accs[r["run_id"]]
+        ax.plot([s for s, _ in history], [a for _, a in history], label=level_label(r), **style)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+
+
+def plot_privacy(table: pd.DataFrame, accs: Mapping[str, list[tuple[int, float]]], out: Path,
+                 title: str) -> list[Path]:
+    """accuracy_vs_epsilon.png and accuracy_by_epsilon.png: the privacy-utility trade-off, and how each level trains."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for name, what, draw in (("accuracy_vs_epsilon.png", "final test accuracy against ε",
+                              lambda ax: epsilon_axes(ax, table)),
+                             ("accuracy_by_epsilon.png", "test accuracy against round per privacy level",
+                              lambda ax: rounds_axes(ax, table, accs))):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        draw(ax)
+        ax.grid(alpha=0.3, which="both")
+        fig.suptitle(f"{title}: {what}", fontsize=10)
+        fig.savefig(out / name, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(out / name)
+    return paths
+
+
+def declared(runs: pd.DataFrame, key: str) -> str | None:
+    """A `report.<key>` the runs' preset declares (the first run's that has one), e.g. report.table."""
+    values = runs.get(f"params.report.{key}", pd.Series(dtype=object)).dropna()
+    return str(values.iloc[0]) if len(values) else None
+
+
 def report(keys: str | list[str], out_root: Path = Path("outputs/reports"), tracking_uri: str | None = None,
            name: str | None = None) -> Path:
     """Build the report for one or more sweep ids or experiment names (merged); return its directory."""
@@ -452,6 +599,9 @@ def report(keys: str | list[str], out_root: Path = Path("outputs/reports"), trac
     out = out_root / name.replace("/", "_")
     out.mkdir(parents=True, exist_ok=True)
     text, shown, shown_keys = tables(frame, varying, reference, target)
+    privacy = privacy_table(fl_runs, frame) if declared(fl_runs, "table") == PRIVACY else None
+    if privacy is not None:
+        text = f"{privacy_markdown(privacy[0], privacy_caption(fl_runs, privacy[1]))}\nAll runs:\n\n{text}"
     (out / "table.md").write_text(f"# {name}\n\n{text}")
     frame.to_csv(out / "table.csv", index=False)
     paths = [out / "table.md", out / "table.csv"]
@@ -459,6 +609,9 @@ def report(keys: str | list[str], out_root: Path = Path("outputs/reports"), trac
         shown.to_csv(out / "cells.csv", index=False)
         paths.append(out / "cells.csv")
     paths += plot(shown, shown_keys, accs, traffic, baseline, out, plot_title(frame, shown is not frame), target)
+    if privacy is not None:
+        privacy[0].to_csv(out / "privacy.csv", index=False)
+        paths += [out / "privacy.csv", *plot_privacy(privacy[0], accs, out, plot_title(frame, False))]
     if parents:
         from mlflow.tracking import MlflowClient
 

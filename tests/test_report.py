@@ -168,3 +168,42 @@ def test_table1_blocks_sweep_the_five_fractions_on_a_learning_rate_grid_of_resol
         assert high / low == pytest.approx(10 ** (1 / 3), rel=0.005)
     assert cfg.fl.target_accuracy == 0.97 and cfg.fl.stop_at_target and cfg.fl.eval_every == 1 and cfg.fl.prune
     assert cfg.tracking.experiment == "table1_2nn" and cfg.fl.local_epochs == 1 and cfg.model.name == "2nn"
+
+
+def test_privacy_report_has_a_row_per_level_least_epsilon_first_and_the_non_private_run_last(tmp_path):
+    """Tiny DP-FedAvg runs at two targets (one run twice), without noise, and without privacy, in one experiment whose
+    preset declares report.table=privacy, as sweeps/sweep/privacy.yaml does."""
+    import flexp
+    from flexp.report import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    base = [*SMALL, f"tracking.uri={uri}", "tracking.experiment=dp", "+report.table=privacy", "fl.sampling=poisson",
+            "fl.fraction=0.5", "fl.eval_every=2"]
+    dp = [*base, "privacy=dp_fedavg"]
+    runs = {level: flexp.run(flexp.compose(overrides), tracking=True) for level, overrides in [
+        ("8", [*dp, "privacy.target_epsilon=8"]), ("2", [*dp, "privacy.target_epsilon=2"]),
+        ("inf", [*dp, "privacy.target_epsilon=inf"]), ("non-private", base)]}
+    again = flexp.run(flexp.compose([*dp, "privacy.target_epsilon=2", "seed=1"]), tracking=True)
+    runs["2"] = again   # a level run again: the report keeps the latest
+
+    assert main(["dp", "--tracking-uri", uri, "--out", str(tmp_path), "--name", "r"]) == 0
+    table = pd.read_csv(tmp_path / "r" / "privacy.csv", dtype={"level": str})
+    assert table["level"].tolist() == ["2", "8", "inf", "non-private"]
+    for row in table.to_dict("records"):
+        result = runs[row["level"]]
+        assert row["run_id"] == result.run_id
+        accs = [r.test_accuracy for r in result.history if r.test_accuracy is not None]
+        assert [row["final_accuracy"], row["best_accuracy"]] == pytest.approx([accs[-1], max(accs)])
+        assert row["rounds"] == result.history[-1].round
+        last = result.metrics[result.history[-1].round]
+        if row["level"] == "non-private":
+            assert "epsilon" not in last and pd.isna(row["epsilon"]) and pd.isna(row["noise_multiplier"])
+        else:
+            assert row["epsilon"] == pytest.approx(last["epsilon"])   # inf too
+            assert (row["noise_multiplier"] == 0) == (row["level"] == "inf")
+    assert 0 < table["epsilon"].iloc[0] <= 2 < table["epsilon"].iloc[1] <= 8
+    text = (tmp_path / "r" / "table.md").read_text()
+    assert text.index("| target ε | noise multiplier | ε spent |") < text.index("All runs")
+    assert "1 earlier run(s) of a level run again left out" in text and "| inf | 0 | ∞ |" in text
+    for name in ("accuracy_vs_epsilon.png", "accuracy_by_epsilon.png"):
+        assert (tmp_path / "r" / name).stat().st_size > 0
