@@ -207,3 +207,23 @@ def test_privacy_report_has_a_row_per_level_least_epsilon_first_and_the_non_priv
     assert "1 earlier run(s) of a level run again left out" in text and "| inf | 0 | ∞ |" in text
     for name in ("accuracy_vs_epsilon.png", "accuracy_by_epsilon.png"):
         assert (tmp_path / "r" / name).stat().st_size > 0
+
+
+def test_privacy_sweep_runs_dp_fedavg_at_each_target_and_its_non_private_run_composes_from_the_same_preset():
+    from hydra import compose, initialize_config_dir
+
+    from flexp.__main__ import CONF_DIR
+    from flexp.config import parse_config
+    from flexp.searchpath import SWEEPS_DIR
+
+    preset = ["+experiment=mnist_2nn_iid", "+sweep=privacy", f"hydra.searchpath=[file://{SWEEPS_DIR}]"]
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        private = compose("config", preset, return_hydra_config=True)
+        public = compose("config", [*preset, "privacy=none"])
+    assert private.hydra.sweeper.params["++privacy.target_epsilon"] == "1,2,4,8,inf"
+    assert private.privacy.name == "dp_fedavg" and private.report.table == "privacy"
+    fl = private.fl
+    assert (fl.clients, fl.sampling, fl.fraction, fl.rounds) == (1000, "poisson", 0.1, 100)
+    assert not fl.stop_at_target and fl.eval_every == 5
+    config = parse_config(public)   # nothing of dp_fedavg is left on privacy=none
+    assert config.privacy is None and config.tracking.experiment == "privacy" and config.fl.clients == 1000
