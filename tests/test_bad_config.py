@@ -54,6 +54,7 @@ CASES = [
     (["privacy=dp_fedavg", "privacy.noise_multiplier=-1"], "privacy.noise_multiplier=-1"),
     (["privacy=dp_fedavg", "privacy.delta=1.5"], "privacy.delta=1.5"),
     (["privacy=dp_fedavg", "privacy.accountant=moments"], "privacy.accountant"),
+    (["privacy=dp_fedavg", "privacy.accountant=pld"], "privacy.accountant='pld': accountant pld accounts Poisson"),
     (["privacy=dp_fedavg", "fl.fraction=1", "privacy.delta=1e-5", "privacy.target_epsilon=0.001"],
      "privacy.target_epsilon=0.001: rdp epsilon jumps"),
     (["privacy=dp_fedavg", "privacy.target_epsilon=2", "privacy.noise_multiplier=1"], "privacy.target_epsilon"),

@@ -84,6 +84,7 @@ class DPFedAvg(Stage):
         self.sampling = sampling_of(self.plan, self.cohort)
         self.noise_multiplier = self.resolved_noise(checks.noise_multiplier(noise_multiplier),
                                                     checks.epsilon_value("target_epsilon", target_epsilon))
+        self.check_accountable()
         self.adaptive, self.target_quantile, self.clip_lr = adaptive, target_quantile, clip_lr
         self.count_stddev = self.checked_adaptive(clip_count_stddev)
         self.update_noise = self.split_noise()
@@ -102,6 +103,13 @@ class DPFedAvg(Stage):
             return accountant.calibrate(target, self.sampling, self.plan.rounds, self.delta, self.accountant)
         except (accountant.Unreachable, accountant.Unsupported) as err:
             raise Invalid("target_epsilon", target, str(err)) from None
+
+    def check_accountable(self) -> None:
+        """Refuse an accountant that cannot account the run's sampling before the first round, not after it."""
+        try:
+            self.epsilon(1)
+        except accountant.Unsupported as err:
+            raise Invalid("accountant", self.accountant, str(err)) from None
 
     def checked_adaptive(self, count_stddev: float | None) -> float:
         """The clipped-count noise std (adaptive clipping; Andrew et al. suggest m / 20), its arguments checked."""
