@@ -41,7 +41,28 @@ class Batch:
         return (losses * self.mask).sum() / self.mask.sum().clamp_min(1)
 
 
-class Algorithm:
+class RoundHooks:
+    """What an algorithm and a round stage (flexp.stage) can tell the round besides their work: per-round metrics,
+    a reason to stop, params fixed at the start, and their state for checkpoints."""
+
+    def round_metrics(self, round_: int) -> dict[str, float]:
+        """Metrics of the round just aggregated, logged with the round's own (e.g. epsilon spent)."""
+        return {}
+
+    def halt(self, round_: int) -> str | None:
+        """A reason to end the run before `round_` (e.g. the privacy budget it would exceed); None to go on."""
+        return None
+
+    def run_params(self) -> dict[str, Any]:
+        """Values fixed at the start that the config does not show (a calibrated noise multiplier), logged as params."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain data only, so checkpoints load with weights_only=True."""
+        return {}
+
+
+class Algorithm(RoundHooks):
     """FedAvg (McMahan et al. 2017): plain local SGD on the task loss, the n_k-weighted mean of the weights.
 
     Server side: `message` (what a sampled client receives besides the weights), `receive` (each reply as it
@@ -76,21 +97,6 @@ class Algorithm:
     def wire_bytes(self, model_bytes: int) -> int:
         """Bytes one client receives (and sends) per round, for a model of `model_bytes`."""
         return model_bytes
-
-    def round_metrics(self, round_: int) -> dict[str, float]:
-        """Metrics of the round just aggregated, logged with the round's own (e.g. epsilon spent)."""
-        return {}
-
-    def halt(self, round_: int) -> str | None:
-        """A reason to end the run before `round_` (e.g. the privacy budget it would exceed); None to go on."""
-        return None
-
-    def run_params(self) -> dict[str, Any]:
-        """Values fixed at the start that the config does not show (a calibrated noise multiplier), logged as params."""
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         tensors(state, type(self).__name__, ())

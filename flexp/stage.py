@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from flexp.algorithm import CLIENT_HOOKS, Algorithm, Batch, Params
+from flexp.algorithm import CLIENT_HOOKS, Algorithm, Batch, Params, RoundHooks
 from flexp.client import ClientResult
 
 
@@ -33,7 +33,7 @@ class Plan:
     batch_size: int | None = None
 
 
-class Stage:
+class Stage(RoundHooks):
     """One stage of the round; every method's default leaves things as they are."""
 
     random = False  # True: its client side draws from the client's stream (message["random"])
@@ -58,18 +58,6 @@ class Stage:
                  cstate: dict[str, Any]) -> tuple[Params, Tensor, dict[str, Any]] | None:
         """A local step's gradients in place of the algorithm's (None: this stage leaves local training alone)."""
         return None
-
-    def round_metrics(self, round_: int) -> dict[str, float]:
-        return {}
-
-    def halt(self, round_: int) -> str | None:
-        return None
-
-    def run_params(self) -> dict[str, Any]:
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state:
