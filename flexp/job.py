@@ -117,8 +117,21 @@ def run_name(cfg: ExperimentConfig) -> str:
     if cfg.mode == "baseline":
         return f"baseline {batch} {cfg.model.name} {cfg.dataset.name}"
     fl = cfg.fl
-    return (f"K{fl.clients} C{fl.fraction:g} E{fl.local_epochs} {batch} "
-            f"{cfg.strategy.name} {cfg.model.name} {cfg.dataset.name} {cfg.partition.name}")
+    return (f"K{fl.clients} C{fl.fraction:g} E{fl.local_epochs} {batch} {cfg.strategy.name}{privacy_label(cfg)} "
+            f"{cfg.model.name} {cfg.dataset.name} {cfg.partition.name}")
+
+
+def privacy_label(cfg: ExperimentConfig) -> str:
+    """' dp_fedavg eps8' (or ' dp_sgd z1.1'): the privacy option and its target epsilon or noise multiplier, for the
+    run name; '' without privacy."""
+    if cfg.privacy is None:
+        return ""
+    kwargs = cfg.privacy.kwargs
+    for key, short in (("target_epsilon", "eps"), ("noise_multiplier", "z")):
+        if (value := kwargs.get(key)) is not None:
+            return f" {cfg.privacy.name} {short}{value:g}" if isinstance(value, (int, float)) else \
+                f" {cfg.privacy.name} {short}{value}"
+    return f" {cfg.privacy.name}"
 
 
 def new_model(cfg: ExperimentConfig, data: Dataset) -> nn.Module:

@@ -99,6 +99,8 @@ class Staged(Algorithm):
         self.random = inner.random or any(s.random for s in self.stages.values())
         self.empty_rounds = inner.empty_rounds or any(s.empty_rounds for s in self.stages.values())
         self.mean_aggregate = inner.mean_aggregate
+        if self.trainer is not None:  # what the run's log calls the client side (flexp.engine.cnn_kernel)
+            self.client_side_name = f"{type(self.trainer).__name__} (around {type(inner).__name__})"
         for name in CLIENT_HOOKS:
             if self.trainer is None or name not in ("gradient", "client_init"):
                 setattr(self, name, getattr(inner, name))

@@ -58,7 +58,7 @@ CASES = [
     (["privacy=dp_fedavg", "fl.fraction=1", "privacy.delta=1e-5", "privacy.target_epsilon=0.001"],
      "privacy.target_epsilon=0.001: rdp epsilon jumps"),
     (["privacy=dp_fedavg", "privacy.target_epsilon=2", "privacy.noise_multiplier=1"], "privacy.target_epsilon"),
-    (["privacy=dp_fedavg", "strategy=median"], "privacy='dp_fedavg'"),
+    (["privacy=dp_fedavg", "strategy=median"], "strategy='Median': aggregates individual replies"),
     (["privacy=dp_fedavg", "model=custom", "model._target_=torch.nn.BatchNorm1d", "model.num_features=60"],
      "privacy='dp_fedavg': the model has buffers"),
     (["privacy=dp_sgd", "privacy.target_epsilon=2"], "privacy.target_epsilon"),

@@ -149,6 +149,12 @@ def test_dp_sgd_without_noise_and_with_a_huge_clip_is_plain_local_sgd():
     assert not torch.allclose(noised.params, plain.params)
 
 
+def test_a_dp_sgd_run_says_whose_client_side_takes_the_generic_path():
+    tracker = _execute(["fl.rounds=1", "privacy=dp_sgd", "privacy.noise_multiplier=1.1"])
+    assert " fedavg dp_sgd z1.1 " in tracker.run_name
+    assert tracker.tags["flexp.engine_path"].endswith("does not implement DPSGD (around FedAvg)'s client side)")
+
+
 def test_without_privacy_the_algorithm_is_not_wrapped():
     algorithm = FedAvg()
     assert with_stages(algorithm, {}) is algorithm
@@ -179,6 +185,7 @@ def test_the_budget_stop_ends_before_the_round_that_would_exceed_it():
 def test_a_calibrated_run_spends_at_most_its_target():
     tracker = _execute(["fl.fraction=0.5", "privacy=dp_fedavg", "privacy.target_epsilon=4"])
     assert 0.99 * 4 <= tracker.metrics[2]["epsilon"] <= 4
+    assert " fedavg dp_fedavg eps4 " in tracker.run_name
     assert tracker.params["privacy.noise_multiplier_used"] > 0
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flexp.algorithm import Algorithm, TaskLoss, client_code, hook_owner
+from flexp.algorithm import Algorithm, TaskLoss, client_code, hook_owner, overrides
 from flexp.engine.path import EnginePath
 from flexp.flat import Replica
 from flexp.strategy.fedprox import FedProx
@@ -104,8 +104,11 @@ CLAIMED = claimed()
 
 def client_side(algorithm: Algorithm) -> str:
     """The phrase "<class>'s client side" for the run's log, <class> the one whose step hook runs (an attacker runs
-    the hooks of the algorithm inside it)."""
-    return f"{type(hook_owner(algorithm, 'step')).__name__}'s client side"
+    the hooks of the algorithm inside it), or whose own gradient hook replaces local training's gradients (a
+    wrapper says what it wraps: `client_side_name`)."""
+    hook = "gradient" if overrides(algorithm, "gradient") else "step"
+    owner = hook_owner(algorithm, hook)
+    return f"{getattr(owner, 'client_side_name', type(owner).__name__)}'s client side"
 
 
 def supports(module: nn.Module, algorithm: Algorithm, task_loss: TaskLoss) -> bool:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from flexp.algorithm import Algorithm, overrides
+from flexp.algorithm import Algorithm, hook_owner, overrides
 from flexp.client import ClientResult
 from flexp.component import Invalid
 from flexp.config import ConfigError
@@ -31,6 +31,8 @@ from flexp.privacy.clip import clipped
 from flexp.stage import Plan, Stage
 
 log = logging.getLogger("flexp")
+MEAN_BASED = "fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad"
+LARGE_DELTA = 1e-2  # a default delta above this (K < 66) gets a warning
 NOISE_STREAM = 0xD9  # the server's noise stream: (seed, round, NOISE_STREAM)
 
 
@@ -55,12 +57,13 @@ def refuse_leaks(model: nn.Module, algorithm: Algorithm) -> None:
     if buffers:
         raise ConfigError("privacy", "dp_fedavg", f"the model has buffers ({', '.join(buffers[:3])}) that clients "
                                                   "would send unprivatised; use a model without BatchNorm")
+    name = type(hook_owner(algorithm, "step")).__name__
     if overrides(algorithm, "client_final"):
-        raise ConfigError("privacy", "dp_fedavg", "the strategy's clients send extra tensors (client_final) that "
-                                                  "would leave unprivatised")
+        raise ConfigError("strategy", name, "its clients send extra tensors (client_final) that privacy=dp_fedavg "
+                                            "cannot privatise")
     if not algorithm.mean_aggregate:
-        raise ConfigError("privacy", "dp_fedavg", "the strategy aggregates individual replies, not their mean; "
-                                                  "DP-FedAvg hands it one noised mean (use fedavg, fedavgm, fedadam)")
+        raise ConfigError("strategy", name, f"aggregates individual replies, but privacy=dp_fedavg hands it one noised "
+                                            f"mean; use a mean-based strategy ({MEAN_BASED})")
 
 
 class DPFedAvg(Stage):
@@ -78,6 +81,9 @@ class DPFedAvg(Stage):
         self.clip = checks.clip_norm(clip)
         self.accountant = checks.accountant(accountant)
         self.delta = checks.delta(default_delta(self.plan.clients) if delta is None else delta)
+        if delta is None and self.delta > LARGE_DELTA:
+            log.warning("privacy.delta defaults to K^-1.1 = %.3g for K=%d clients: a delta this large protects "
+                        "little (set privacy.delta, or use more clients)", self.delta, self.plan.clients)
         self.max_epsilon = checks.epsilon_value("max_epsilon", max_epsilon)
         self.denominator = self.plan.per_round
         self.cohort = cohort_size(noise_cohort_size)
