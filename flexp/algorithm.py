@@ -9,7 +9,7 @@ with autograd, the vectorized engine `vmap`s them over the round's clients, so o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,7 +66,8 @@ class Algorithm(RoundHooks):
     """FedAvg (McMahan et al. 2017): plain local SGD on the task loss, the n_k-weighted mean of the weights.
 
     Server side: `message` (what a sampled client receives besides the weights), `receive` (each reply as it
-    arrives), `aggregate` (the next global weights, told the round number), `state_dict`/`load_state_dict`
+    arrives), `aggregate` (the next global weights, told the round number), `broadcast` and `upload_bytes` (what
+    the weights cost on the wire each way), `state_dict`/`load_state_dict`
     (tensors and plain data only, so checkpoints load with weights_only=True).
     Client side: `client_init` (the client's state from the weights and its message), `batch` (what it trains
     on), `loss` (added to the task loss), `step` (one update from the gradients), `client_final` (extra tensors
@@ -94,9 +95,16 @@ class Algorithm(RoundHooks):
         """The next global weights from the current ones and the round's usable replies."""
         return fedavg([r.params for r in replies], [r.num_samples for r in replies])
 
-    def wire_bytes(self, model_bytes: int) -> int:
-        """Bytes one client receives (and sends) per round, for a model of `model_bytes`."""
-        return model_bytes
+    def broadcast(self, round_: int, params: Tensor) -> tuple[Tensor, int]:
+        """(the weights the round's clients start from, the bytes each downloads for them): the global weights in
+        full, unless a stage encodes the broadcast."""
+        return params, tensor_bytes([params])
+
+    def upload_bytes(self, reply: ClientResult) -> int:
+        """Bytes of a client's reply on the wire: its weights as sent, its extra tensors and its buffers. Override to
+        add what a deployment's client would send but the simulation computes on the server (SCAFFOLD's c_i delta)."""
+        weights = reply.sent_bytes if reply.sent_bytes is not None else tensor_bytes([reply.params])
+        return weights + tensor_bytes(reply.extra.values()) + tensor_bytes(reply.buffers.values())
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         tensors(state, type(self).__name__, ())
@@ -131,6 +139,11 @@ class Algorithm(RoundHooks):
 
         grads, task = torch.func.grad(objective, has_aux=True)(params)
         return grads, task.detach(), cstate
+
+
+def tensor_bytes(tensors: Iterable[Tensor]) -> int:
+    """Bytes the tensors occupy (numel x element size)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def client_code(algorithm: Algorithm) -> tuple[Callable, ...]:

@@ -77,8 +77,11 @@ class Attacker(Algorithm):
     def aggregate(self, round_: int, params: torch.Tensor, replies: Any) -> torch.Tensor:
         return self.inner.aggregate(round_, params, replies)
 
-    def wire_bytes(self, model_bytes: int) -> int:
-        return self.inner.wire_bytes(model_bytes)
+    def broadcast(self, round_: int, params: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return self.inner.broadcast(round_, params)
+
+    def upload_bytes(self, reply: ClientResult) -> int:
+        return self.inner.upload_bytes(reply)
 
     def round_metrics(self, round_: int) -> dict[str, float]:
         return self.inner.round_metrics(round_)

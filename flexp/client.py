@@ -42,7 +42,7 @@ class ClientTask:
 class ClientResult:
     """What a client sends back: new weights, its n_k, its mean training (task) loss, its step count, the
     algorithm's extra tensors (Algorithm.client_final) and the model's buffers after training (by name; {} when
-    the model has none)."""
+    the model has none), and the size of the weights as sent when a codec encoded them."""
 
     client: int
     params: torch.Tensor
@@ -53,6 +53,7 @@ class ClientResult:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     malicious: bool = False  # set by an attacker's Algorithm.receive
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    sent_bytes: int | None = None  # the weights' bytes as sent (a codec's message, ...); None: params' own size
 
 
 def epoch_orders(task: ClientTask, epochs: int) -> torch.Tensor:

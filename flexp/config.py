@@ -192,6 +192,8 @@ class ExperimentConfig:
     metrics: tuple[CallbackConfig, ...] = ()  # extra test metrics (`metrics.<name>._target_`), beside accuracy
     resume: str | None = None
     privacy: Any = None  # flexp.component.Component of a privacy mechanism (conf/privacy/), None when off
+    compression: Any = None  # flexp.component.Component of a codec stage (conf/compression/), None when off
+    system: Any = None  # flexp.component.Component of the clients' devices and the clock (conf/system/), None: off
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -500,9 +502,10 @@ SECTIONS = {"fl": FLConfig, "baseline": BaselineConfig, "dataset": DatasetConfig
             "model": ModelConfig, "engine": EngineConfig, "tracking": TrackingConfig, "strategy": Component,
             "clients": ClientsConfig, "attack": AttackConfig, "data": DataConfig,
             "checkpoint": CheckpointConfig}
-TOP_LEVEL = ("mode", "seed", "report", "resume", "callbacks", "loss", "metrics", "privacy", *SECTIONS)
+TOP_LEVEL = ("mode", "seed", "report", "resume", "callbacks", "loss", "metrics", "privacy", "compression", "system",
+             *SECTIONS)
 OPEN_SECTIONS = ("dataset", "model", "strategy")  # keys depend on the chosen option (a _target_'s arguments)
-STAGE_SECTIONS = ("privacy",)  # the round's stages: a `_target_` class and its arguments (flexp.component)
+STAGE_SECTIONS = ("privacy", "compression")  # the round's stages in order: a `_target_` class and its arguments
 
 
 def check_key(path: str) -> None:
@@ -590,6 +593,8 @@ def parse_config(tree: Mapping[str, Any]) -> ExperimentConfig:
         metrics=_callbacks(tree, "metrics"),
         resume=_resume(tree),
         privacy=_stage(tree, "privacy"),
+        compression=_stage(tree, "compression"),
+        system=_system(tree),
         raw=named_targets(tree, model, strategy),
     )
 
@@ -600,6 +605,14 @@ def _stage(tree: Mapping[str, Any], section: str) -> Any:
     from flexp.stage import Stage
 
     return parse_component(tree, section, supplied=("plan",), kind=Stage)
+
+
+def _system(tree: Mapping[str, Any]) -> Any:
+    """The system section (conf/system/<option>.yaml: the clients' devices, deadline, over-selection); None: off."""
+    from flexp.component import parse_component
+    from flexp.system.devices import System
+
+    return parse_component(tree, "system", supplied=("plan",), kind=System)
 
 
 def named_targets(tree: Mapping[str, Any], model: ModelConfig, strategy: Component) -> Mapping[str, Any]:

@@ -7,7 +7,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from torch import nn
 
 from flexp import interrupt
 from flexp.aggregate import weighted_average
-from flexp.algorithm import Algorithm
+from flexp.algorithm import Algorithm, tensor_bytes
 from flexp.arrival import held, held_fraction
 from flexp.client import ClientResult, ClientTask
 from flexp.config import ClientsConfig, DataConfig, FLConfig
@@ -24,6 +24,10 @@ from flexp.data import Split
 from flexp.flat import flat_parameters, load_flat, model_state
 from flexp.metrics import evaluate, interpolated_rounds_to_target, rounds_to_target
 from flexp.rng import client_key
+from flexp.system.clock import Schedule, schedule
+
+if TYPE_CHECKING:
+    from flexp.system.devices import System
 
 log = logging.getLogger("flexp")
 FAILED_ROUNDS = 3  # a run whose first rounds all fail entirely stops after this many
@@ -56,13 +60,19 @@ class RoundRecord:
     failed_clients: int = 0
     test_metrics: dict[str, float] = field(default_factory=dict)  # the configured `metrics`, by name
     extra: dict[str, float] = field(default_factory=dict)  # the algorithm's and its stages' (round_metrics)
+    sim_seconds: float | None = None  # the round on the simulated clock (None: no system model)
+    sim_hours: float | None = None  # simulated hours since the run began, this round included
+    late: int = 0  # clients that reported after system.deadline and were left out
+    surplus: int = 0  # over-selected clients that reported after the first m and were left out
 
     def metrics(self) -> dict[str, float]:
-        """The record as a metric dict (test metrics only on evaluated rounds)."""
+        """The record as a metric dict (test metrics only on evaluated rounds; the clock's only with a system)."""
         out = {"train_loss": self.train_loss, "round_seconds": self.round_seconds, "clients": self.clients,
                "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "dropped": self.dropped,
                "stragglers": self.stragglers, "malicious": self.malicious, "samples": self.samples,
                "failed_clients": self.failed_clients, **self.extra}
+        if self.sim_seconds is not None:
+            out.update(sim_seconds=self.sim_seconds, sim_hours=self.sim_hours, late=self.late, surplus=self.surplus)
         if self.test_accuracy is not None:
             out.update(test_accuracy=self.test_accuracy, test_loss=self.test_loss)
             out.update({f"test_{name}": value for name, value in self.test_metrics.items()})
@@ -84,7 +94,8 @@ class TrainingResult:
 
     def summary(self) -> dict[str, float]:
         """best/final accuracy, rounds_to_target (first round, and the paper's interpolated one, when reached), total
-        seconds, and the round a stop rule ended the run after (stopped_at_round)."""
+        seconds, the round a stop rule ended the run after (stopped_at_round), and with a system model the
+        simulated hours in all (total_sim_hours) and to the target (hours_to_target, at rounds_to_target)."""
         accs = self.accuracies()
         out: dict[str, float] = {"total_seconds": sum(r.round_seconds for r in self.history)}
         if accs:
@@ -95,6 +106,10 @@ class TrainingResult:
             out["rounds_to_target_interp"] = interpolated_rounds_to_target(accs, self.target)
         if self.stopped is not None and self.history:
             out["stopped_at_round"] = self.history[-1].round
+        if self.history and self.history[-1].sim_hours is not None:
+            out["total_sim_hours"] = self.history[-1].sim_hours
+            if "rounds_to_target" in out:
+                out["hours_to_target"] = next(r.sim_hours for r in self.history if r.round == out["rounds_to_target"])
         return out
 
 
@@ -111,11 +126,12 @@ def poisson_clients(num_clients: int, rate: float, seed: int, round_: int) -> li
     return np.flatnonzero(rng.random(num_clients) < rate).tolist()
 
 
-def round_clients(fl: FLConfig, num_clients: int, seed: int, round_: int) -> list[int]:
-    """The clients fl.sampling draws for a round: `fixed` m = max(round(C K), 1) without replacement, or `poisson`."""
+def round_clients(fl: FLConfig, num_clients: int, seed: int, round_: int, per_round: int | None = None) -> list[int]:
+    """The clients fl.sampling draws for a round: `fixed` m = max(round(C K), 1) (or `per_round`, when
+    over-selecting) without replacement, or `poisson`."""
     if fl.sampling == "poisson":
         return poisson_clients(num_clients, fl.fraction, seed, round_)
-    return sample_clients(num_clients, fl.clients_per_round, seed, round_)
+    return sample_clients(num_clients, per_round or fl.clients_per_round, seed, round_)
 
 
 def heterogeneity(chosen: Sequence[int], dropout: float, stragglers: float, epochs: int, seed: int,
@@ -141,6 +157,7 @@ class Conditions:
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     on_client_error: str = "drop"
+    system: System | None = None  # their devices, the deadline and over-selection (None: no simulated clock)
 
 
 @dataclass(frozen=True)
@@ -274,7 +291,6 @@ def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split,
     algorithm = state.strategy
     global_params, global_state = state.params, state.model_state or model_state(model)
     sent = {"state": global_state} if global_state else {}  # engines of buffer-less models see the old call
-    model_bytes = algorithm.wire_bytes(global_params.numel() * global_params.element_size())
     result = TrainingResult(global_params, list(state.history), target=fl.target_accuracy)
     first_error = ""
     for round_ in range(state.round + 1, fl.rounds + 1):
@@ -286,12 +302,21 @@ def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split,
             result.stopped = why
             break
         start = time.perf_counter()
-        chosen = round_clients(fl, len(partition), seed, round_)
+        system = cond.system
+        chosen = round_clients(fl, len(partition), seed, round_,
+                               system.per_round(fl.clients_per_round) if system else None)
         returned, slow = heterogeneity(chosen, cond.clients.dropout, cond.clients.stragglers, fl.local_epochs, seed,
                                        round_)
+        weights, weights_bytes = algorithm.broadcast(round_, global_params)
         tasks = round_tasks(partition, returned, slow, seed, round_, cond.data, algorithm, global_params)
-        updates = engine.run_round(global_params, tasks, algorithm, **sent) if tasks else []
+        updates = engine.run_round(weights, tasks, algorithm, **sent) if tasks else []
         updates = [algorithm.receive(round_, global_params, u) for u in updates]
+        down = {t.client: weights_bytes + message_bytes(t.message) for t in tasks}
+        up = {u.client: algorithm.upload_bytes(u) for u in updates if failure(u) is None}
+        clock = None if system is None else on_clock(system, tasks, down, up, fl, len(chosen))
+        if clock is not None:
+            left_out = set(clock.late) | set(clock.surplus)
+            updates = [u for u in updates if u.client not in left_out]
         good, failed = usable(updates, round_, cond.on_client_error)
         first_error = first_error or (f"round {round_}, {failed[0]}" if failed else "")
         if not good and not algorithm.empty_rounds:
@@ -305,10 +330,14 @@ def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split,
         record = RoundRecord(
             round=round_, clients=len(good),
             train_loss=sum(u.loss * u.num_samples for u in good) / n_total if good else float("nan"),
-            round_seconds=0.0, bytes_up=len(updates) * model_bytes, bytes_down=len(chosen) * model_bytes,
+            round_seconds=0.0, bytes_up=sum(up[u.client] for u in good), bytes_down=sum(down.values()),
             dropped=len(chosen) - len(returned), stragglers=len(slow),
             malicious=sum(u.malicious for u in good), samples=n_total,
             failed_clients=len(updates) - len(good), extra=algorithm.round_metrics(round_))
+        if clock is not None:
+            hours = (result.history[-1].sim_hours or 0.0) if result.history else 0.0
+            record = replace(record, sim_seconds=clock.seconds, sim_hours=hours + clock.seconds / 3600,
+                             late=len(clock.late), surplus=len(clock.surplus))
         if round_ % fl.eval_every == 0 or round_ == fl.rounds:
             found: dict[str, float] = {}
             accuracy, loss = evaluate(load_flat(model, global_params, global_state), test, loss_fn=scoring.loss,
@@ -326,6 +355,22 @@ def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split,
     result.state = global_state
     load_flat(model, global_params, global_state)
     return result
+
+
+def message_bytes(message: dict[str, torch.Tensor]) -> int:
+    """Bytes of an algorithm's message to a client (its random key stays out: a device draws its own)."""
+    return tensor_bytes(v for k, v in message.items() if k != "random")
+
+
+def on_clock(system: System, tasks: Sequence[ClientTask], down: dict[int, int], up: dict[int, int], fl: FLConfig,
+             chosen: int) -> Schedule:
+    """The round on the simulated clock: each client that sent a reply takes download + local training (its
+    epochs x its samples) + upload of its own messages; the server keeps the first m on time (all with Poisson
+    sampling) and waits for the deadline when a sampled client never reports."""
+    times = {t.client: system.profiles.seconds(t.client, down[t.client], (t.epochs or fl.local_epochs) * len(t.indices),
+                                               up[t.client]) for t in tasks if t.client in up}
+    wanted = fl.clients_per_round if fl.sampling == "fixed" else chosen
+    return schedule(times, wanted, system.deadline, waiting=len(times) < chosen)
 
 
 def reached_target(fl: FLConfig, history: Sequence[RoundRecord]) -> bool:

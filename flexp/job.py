@@ -28,8 +28,9 @@ from flexp.models import ModelFactory, count_parameters
 from flexp.objective import build_loss, build_metrics
 from flexp.progress import Progress
 from flexp.prune import CELL_TAG, Pruner, Rival, cell_id, stop_rule
-from flexp.stage import build_stages, with_stages
+from flexp.stage import build_stages, plan_of, with_stages
 from flexp.strategy import make_algorithm
+from flexp.system.devices import System
 from flexp.tracking import flatten
 
 log = logging.getLogger("flexp")
@@ -60,6 +61,7 @@ class Prepared:
     device: torch.device
     callbacks: Sequence[tuple[str, Callback]] = ()
     algorithm: Algorithm | None = None  # federated runs: built here, so a bad strategy target leaves no run behind
+    system: System | None = None  # the simulated deployment (conf/system/), None when off
 
 
 def make_partition(cfg: ExperimentConfig, data: Dataset) -> list[torch.Tensor]:
@@ -100,14 +102,32 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
     model = new_model(cfg, data).to(device)
     callbacks = build_callbacks(cfg.callbacks) if cfg.mode == "federated" else []
     build_loss(cfg.loss), build_metrics(cfg.metrics)  # a bad loss or metric target is a ConfigError here
-    algorithm = None
+    algorithm, system = None, None
     if cfg.mode == "federated":
         algorithm = make_algorithm(cfg.strategy, cfg.attack, cfg.fl.clients, cfg.fl.lr, cfg.seed, data.num_classes)
         stages = build_stages(cfg)
         for stage in stages.values():
             stage.check(model, algorithm)
         algorithm = with_stages(algorithm, stages)
-    return Prepared(data.to(device), parts, model, device, callbacks, algorithm)
+        system = make_system(cfg, parts, model, algorithm)
+    return Prepared(data.to(device), parts, model, device, callbacks, algorithm, system)
+
+
+def make_system(cfg: ExperimentConfig, parts: Sequence[torch.Tensor], model: nn.Module,
+                algorithm: Algorithm) -> System | None:
+    """The configured system (None when off), its deadline checked against what each client must download and
+    train on in a round."""
+    from flexp.component import build
+    from flexp.flat import flat_parameters
+
+    if cfg.system is None:
+        return None
+    system = build(cfg.system, plan=plan_of(cfg))
+    if not isinstance(system, System):
+        raise ConfigError("system._target_", cfg.system.target, "must build a flexp.system.devices.System")
+    weights_bytes = algorithm.broadcast(1, flat_parameters(model).detach())[1]
+    system.check_deadline(weights_bytes, [cfg.fl.local_epochs * len(p) for p in parts])
+    return system
 
 
 def run_name(cfg: ExperimentConfig) -> str:
@@ -117,8 +137,20 @@ def run_name(cfg: ExperimentConfig) -> str:
     if cfg.mode == "baseline":
         return f"baseline {batch} {cfg.model.name} {cfg.dataset.name}"
     fl = cfg.fl
-    return (f"K{fl.clients} C{fl.fraction:g} E{fl.local_epochs} {batch} {cfg.strategy.name}{privacy_label(cfg)} "
+    return (f"K{fl.clients} C{fl.fraction:g} E{fl.local_epochs} {batch} {cfg.strategy.name}{privacy_label(cfg)}"
+            f"{compression_label(cfg)}{'' if cfg.system is None else ' ' + cfg.system.name} "
             f"{cfg.model.name} {cfg.dataset.name} {cfg.partition.name}")
+
+
+def compression_label(cfg: ExperimentConfig) -> str:
+    """' quantize8', ' topk0.01 ef', ' sign ef': the codec, its bits or ratio and error feedback, for the run name;
+    '' without compression."""
+    if cfg.compression is None:
+        return ""
+    kwargs = cfg.compression.kwargs
+    size = next((kwargs[k] for k in ("bits", "ratio") if isinstance(kwargs.get(k), (int, float))), None)
+    return f" {cfg.compression.name}{'' if size is None else format(size, 'g')}" \
+           f"{' ef' if kwargs.get('error_feedback') is True else ''}"
 
 
 def privacy_label(cfg: ExperimentConfig) -> str:
@@ -159,7 +191,7 @@ def train(cfg: ExperimentConfig, ready: Prepared, on_record: Callable[[RoundReco
         if resume is not None:  # the checkpoint holds the state; the attacker wrapping it comes from the config
             algorithm.load_state_dict(resume.strategy.state_dict())
             resume = replace(resume, strategy=algorithm)
-        conditions = Conditions(cfg.clients, cfg.data, cfg.engine.on_client_error)
+        conditions = Conditions(cfg.clients, cfg.data, cfg.engine.on_client_error, ready.system)
         check_path = watch_path(cfg.engine.name, engine, algorithm,
                                 lambda name, path: on_tags({ENGINE_TAG: name, PATH_TAG: path}))
 
@@ -242,7 +274,9 @@ def execute(cfg: ExperimentConfig, tracker: Tracker, tags: Mapping[str, str], co
     try:
         if resume is None:
             tracker.log_params(flatten(cfg.raw))
-            if ready.algorithm is not None and (resolved := ready.algorithm.run_params()):
+            resolved = {**(ready.algorithm.run_params() if ready.algorithm else {}),
+                        **(ready.system.run_params() if ready.system else {})}
+            if resolved:
                 tracker.log_params(resolved)
                 log.info("%s", "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                          for k, v in resolved.items()))

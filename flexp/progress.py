@@ -18,6 +18,9 @@ def describe(record: RoundRecord, unit: str, total: int) -> str:
         parts += [f"test_acc {record.test_accuracy:.4f}", f"test_loss {record.test_loss:.4f}"]
     if "epsilon" in record.extra:
         parts.append(f"epsilon {record.extra['epsilon']:.3g}")
+    if record.sim_hours is not None:  # the simulated clock, and who it left out
+        late = f" ({record.late} late)" if record.late else ""
+        parts.append(f"sim {record.sim_hours:.3g}h{late}")
     parts.append(f"{record.round_seconds:.2f}s")
     return "  ".join(parts)
 
@@ -45,6 +48,8 @@ class Progress:
             shown = {"acc": f"{record.test_accuracy:.4f}", "loss": f"{record.train_loss:.3f}"}
             if "epsilon" in record.extra:
                 shown["eps"] = f"{record.extra['epsilon']:.3g}"
+            if record.sim_hours is not None:
+                shown["sim"] = f"{record.sim_hours:.3g}h"
             self.bar.set_postfix(shown, refresh=False)
         self.bar.update(1)
 

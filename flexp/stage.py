@@ -1,16 +1,18 @@
 """The round's stages: what leaves a client passes through them, composed around any algorithm.
 
-A stage acts on the client's side of the wire (`client`: clip, add local noise, later encode; `gradient`: inside
-local training, as DP-SGD's per-sample clipping) and on the server's (`server`: decode, add central noise, hand
-the algorithm what it aggregates). `Staged` wraps an algorithm in its stages the way an attacker wraps one: the
-round loop and the engines see one Algorithm and name no stage. A stage is declared once, as a conf/<group>/ file
+A stage acts on the client's side of the wire (`client`: clip, add local noise, encode; `gradient`: inside local
+training, as DP-SGD's per-sample clipping), on the server's (`server`: add central noise, hand the algorithm what
+it aggregates) and on the broadcast (`broadcast`: encode the weights clients download). Client sides run in the
+order of the sections (privacy, then compression: clip and noise, then encode), server sides in the same order.
+`Staged` wraps an algorithm in its stages the way an attacker wraps one: the round loop and the engines see one
+Algorithm and name no stage. A stage is declared once, as a conf/<group>/ file
 with its `_target_` class (flexp.component).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import Tensor, nn
@@ -46,6 +48,11 @@ class Stage(RoundHooks):
         """A usable reply as it leaves the client (`params`: the global weights the client started from)."""
         return reply
 
+    def broadcast(self, round_: int, params: Tensor) -> tuple[Tensor, int] | None:
+        """(the weights clients start from, the bytes each downloads) when this stage encodes the broadcast; None
+        leaves the global weights as they are."""
+        return None
+
     def server(self, round_: int, params: Tensor, replies: Sequence[ClientResult]) -> list[ClientResult]:
         """The replies the algorithm aggregates (a DP stage hands it one noised mean)."""
         return list(replies)
@@ -69,7 +76,7 @@ def build_stages(cfg: Any) -> dict[str, Stage]:
     from flexp.component import build
 
     plan = plan_of(cfg)
-    return {c.section: build(c, plan=plan) for c in (cfg.privacy,) if c is not None}
+    return {c.section: build(c, plan=plan) for c in (cfg.privacy, cfg.compression) if c is not None}
 
 
 def plan_of(cfg: Any) -> Plan:
@@ -95,6 +102,7 @@ class Staged(Algorithm):
 
     def __init__(self, inner: Algorithm, stages: Mapping[str, Stage]) -> None:
         self.inner, self.stages = inner, dict(stages)
+        self.start: Tensor | None = None  # the round's broadcast weights, when a stage encoded them
         self.trainer = next((s for s in self.stages.values() if touches_training(s)), None)
         self.random = inner.random or any(s.random for s in self.stages.values())
         self.empty_rounds = inner.empty_rounds or any(s.empty_rounds for s in self.stages.values())
@@ -114,12 +122,23 @@ class Staged(Algorithm):
     def message(self, client: int, round_: int, params: Tensor) -> dict[str, Tensor]:
         return self.inner.message(client, round_, params)
 
+    def broadcast(self, round_: int, params: Tensor) -> tuple[Tensor, int]:
+        sent = self.inner.broadcast(round_, params)
+        for stage in self.stages.values():
+            sent = stage.broadcast(round_, sent[0]) or sent
+        self.start = None if sent[0] is params else sent[0]
+        return sent
+
     def receive(self, round_: int, params: Tensor, reply: ClientResult) -> ClientResult:
-        """Failed replies pass untouched (the round leaves them out); usable ones go through each client stage,
-        then to inner (an attacker's malicious clients poison what they were to send)."""
+        """Failed replies pass untouched (the round leaves them out); usable ones are moved onto the global weights
+        when clients started from an encoded broadcast (the update is theirs, the rounding of the broadcast is
+        not), go through each client stage, then to inner (an attacker's malicious clients poison what they were
+        to send)."""
         from flexp.fedavg import failure
 
         if failure(reply) is None:
+            if self.start is not None:
+                reply = replace(reply, params=params + (reply.params - self.start))
             for stage in self.stages.values():
                 reply = stage.client(round_, params, reply)
         return self.inner.receive(round_, params, reply)
@@ -129,8 +148,8 @@ class Staged(Algorithm):
             replies = stage.server(round_, params, replies)
         return self.inner.aggregate(round_, params, replies) if replies else params
 
-    def wire_bytes(self, model_bytes: int) -> int:
-        return self.inner.wire_bytes(model_bytes)
+    def upload_bytes(self, reply: ClientResult) -> int:
+        return self.inner.upload_bytes(reply)
 
     def round_metrics(self, round_: int) -> dict[str, float]:
         out = dict(self.inner.round_metrics(round_))

@@ -62,6 +62,18 @@ CASES = [
     (["privacy=dp_fedavg", "model=custom", "model._target_=torch.nn.BatchNorm1d", "model.num_features=60"],
      "privacy='dp_fedavg': the model has buffers"),
     (["privacy=dp_sgd", "privacy.target_epsilon=2"], "privacy.target_epsilon"),
+    (["compression=quantize", "compression.bits=0"], "compression.bits=0: must be >= 1"),
+    (["compression=quantize", "compression.bits=17"], "compression.bits=17: must be from 1 to 16"),
+    (["compression=quantize", "compression.rotate=true", "compression.block=1000"], "compression.block=1000"),
+    (["compression=topk", "compression.ratio=0"], "compression.ratio=0: must be > 0.0"),
+    (["compression=random_mask", "compression.ratio=1.5"], "compression.ratio=1.5: must be <= 1.0"),
+    (["compression=sign", "compression.download_bits=20"], "compression.download_bits=20"),
+    (["compression.bits=8"], "compression.bits"),
+    (["system=uniform", "system.deadline=0.001"], "system.deadline=0.001: no client can meet it"),
+    (["system=heavy_tailed", "system.spread=-1"], "system.spread=-1"),
+    (["system=trace"], "system.path"),
+    (["system=trace", "system.path=no_such_trace.csv"], "system.path='no_such_trace.csv': cannot be read"),
+    (["fl.sampling=poisson", "fl.fraction=0.3", "system=uniform", "system.over_select=0.3"], "system.over_select"),
 ]
 
 

@@ -15,10 +15,13 @@ from flexp import checkpoint
 
 ROUNDS = 12
 ARGS = [*SMALL, "model=2nn", "model.hidden=16", f"fl.rounds={ROUNDS}", "fl.lr=0.05", "tracking.log_model=false"]
-STRATEGY = {  # DP-FedAdam with adaptive clipping (its clip and accountant are state); SCAFFOLD with local DP-SGD
+STRATEGY = {  # DP-FedAdam with adaptive clipping (its clip and accountant are state); SCAFFOLD with local DP-SGD,
+    # top-k with error feedback (the residuals are state) on heavy-tailed devices (the clock is the history's)
     "dp-fedadam": ["strategy=fedadam", "strategy.server_lr=0.05", "fl.fraction=0.5", "privacy=dp_fedavg",
                    "privacy.noise_multiplier=0.5", "privacy.adaptive=true", "privacy.clip_count_stddev=2"],
-    "scaffold dp-sgd": ["strategy=scaffold", "privacy=dp_sgd", "privacy.noise_multiplier=0.5"]}
+    "scaffold dp-sgd topk system": ["strategy=scaffold", "privacy=dp_sgd", "privacy.noise_multiplier=0.5",
+                                    "fl.fraction=0.3", "compression=topk", "compression.ratio=0.1",
+                                    "system=heavy_tailed", "system.over_select=0.4"]}
 
 
 def _checkpoint_dirs(cwd):
@@ -47,7 +50,7 @@ def _wait_for_status(client, run_id, status, timeout=60.0):
     assert client.get_run(run_id).info.status == status
 
 
-@pytest.mark.parametrize("by, strategy", [("output_dir", "dp-fedadam"), ("run_id", "scaffold dp-sgd")])
+@pytest.mark.parametrize("by, strategy", [("output_dir", "dp-fedadam"), ("run_id", "scaffold dp-sgd topk system")])
 def test_sigkill_then_resume_is_bit_identical_with_each_round_logged_once(tmp_path, by, strategy):
     args = [*ARGS, *STRATEGY[strategy]]
     clean, killed = tmp_path / "clean", tmp_path / "killed"
@@ -71,9 +74,17 @@ def test_sigkill_then_resume_is_bit_identical_with_each_round_logged_once(tmp_pa
     assert torch.equal(checkpoint.load(killed_dir).state.params, checkpoint.load(clean_dir).state.params)
     run = client.get_run(saved.run_id)
     assert run.info.status == "FINISHED"
-    stages = [checkpoint.load(d).state.strategy.state_dict()["stages"] for d in (killed_dir, clean_dir)]
-    assert stages[0] == stages[1] and stages[0]["privacy"]  # the accountant's (and adaptive clip's) state
-    for key in ("test_accuracy", "train_loss", "round_seconds", "epsilon"):
+    states = [checkpoint.load(d).state for d in (killed_dir, clean_dir)]
+    stages = [state.strategy.state_dict()["stages"] for state in states]
+    assert stages[0]["privacy"] == stages[1]["privacy"] and stages[0]["privacy"]  # the accountant's (adaptive clip's)
+    if "compression" in stages[0]:
+        residuals = [stage["compression"]["residual"] for stage in stages]
+        assert residuals[0].keys() == residuals[1].keys() and residuals[0]
+        assert all(torch.equal(residuals[0][c], residuals[1][c]) for c in residuals[0])
+        assert [r.sim_hours for r in states[0].history] == [r.sim_hours for r in states[1].history]
+        assert sum(r.surplus for r in states[0].history) > 0
+    for key in ("test_accuracy", "train_loss", "round_seconds", "epsilon", *(("sim_hours",) if "system" in strategy
+                                                                              else ())):
         assert [m.step for m in client.get_metric_history(saved.run_id, key)] == list(range(1, ROUNDS + 1)), key
     assert len(client.search_runs([run.info.experiment_id])) == 1
 

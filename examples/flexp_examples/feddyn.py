@@ -59,10 +59,6 @@ class FedDyn(Algorithm):
             self.h = self.h - self.alpha / self.num_clients * moved
         return (average.double() - self.h / self.alpha).to(params.dtype)
 
-    def wire_bytes(self, model_bytes: int) -> int:
-        """The weights, and g_k on the way down."""
-        return 2 * model_bytes
-
     def state_dict(self) -> dict[str, Any]:
         """{"h": h (once there is one), "grad": {client id: g_k}}: tensors and plain data only."""
         return {"grad": dict(self.grad)} | ({} if self.h is None else {"h": self.h})

@@ -36,6 +36,9 @@ LARGE_DELTA = 1e-2  # a default delta above this (K < 66) gets a warning
 NOISE_STREAM = 0xD9  # the server's noise stream: (seed, round, NOISE_STREAM)
 
 
+RECLIP_SLACK = 1e-9  # the norm of a vector clipped to c, recomputed in float64, is c within n eps (n < 9e6 values)
+
+
 def sampling_of(plan: Plan, cohort: int | None = None) -> accountant.Sampling:
     """The client sampling the accountant must assume: the run's own, or that of a deployment drawing `cohort`
     clients per round at the same rate."""
@@ -148,14 +151,15 @@ class DPFedAvg(Stage):
         delta, norm = clipped(reply.params.to(torch.float64) - params.to(torch.float64), self.clip)
         within = torch.tensor(float(norm <= self.clip), dtype=torch.float64)
         return replace(reply, params=params.to(torch.float64) + delta, num_samples=1, loss=math.nan,
-                       extra={"within_clip": within})
+                       extra={"within_clip": within}, sent_bytes=params.numel() * params.element_size())
 
     def server(self, round_: int, params: Tensor, replies: Sequence[ClientResult]) -> list[ClientResult]:
-        """One reply: the global weights plus the noised mean of the clipped updates."""
+        """One reply: the global weights plus the noised mean of the clipped updates (clipped again as received,
+        since a codec after the clip, compression=, may have lengthened them)."""
         base = params.to(torch.float64)
         total = torch.zeros_like(base)
         for reply in replies:
-            total += reply.params.to(torch.float64) - base
+            total += within_clip(reply.params.to(torch.float64) - base, self.clip)
         generator = torch.Generator().manual_seed(noise_seed(self.plan.seed, round_))
         std = self.noise_std_of_sum(self.update_noise)
         noise = torch.randn(base.shape, generator=generator, dtype=torch.float64) * std
@@ -236,3 +240,11 @@ def cohort_size(value: int | None) -> int | None:
 def noise_seed(seed: int, round_: int) -> int:
     """The seed of the server's noise in one round: (seed, round) alone, so a resumed run draws the same."""
     return int(np.random.SeedSequence([seed, round_, NOISE_STREAM]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def within_clip(delta: torch.Tensor, clip: float) -> torch.Tensor:
+    """`delta` (float64) clipped to `clip` unless its norm exceeds it by rounding only (RECLIP_SLACK), so an update
+    the client stage clipped passes unchanged, bit for bit, and one a codec lengthened is clipped again."""
+    if float(torch.linalg.vector_norm(delta)) <= clip * (1 + RECLIP_SLACK):
+        return delta
+    return clipped(delta, clip)[0]

@@ -60,9 +60,9 @@ class Scaffold(Algorithm):
         correction = unflatten(cstate["correction"], params)
         return super().step(params, {name: g + correction[name] for name, g in grads.items()}, cstate, lr)
 
-    def wire_bytes(self, model_bytes: int) -> int:
-        """The weights and a control variate, each way."""
-        return 2 * model_bytes
+    def upload_bytes(self, reply: ClientResult) -> int:
+        """The reply and its control-variate delta (c_i+ - c_i, computed here on the server from the reply)."""
+        return super().upload_bytes(reply) + reply.params.numel() * reply.params.element_size()
 
     def aggregate(self, round_: int, global_params: torch.Tensor, replies: Sequence[ClientResult]) -> torch.Tensor:
         """Update every returning client's c_i and the server's c, and return the new global weights."""

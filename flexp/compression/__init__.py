@@ -1,0 +1,1 @@
+"""Communication-efficient updates: codecs that encode what a client sends, and the round stage around them."""
