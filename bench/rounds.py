@@ -2,6 +2,7 @@
 
     python bench/rounds.py                 # 2nn and cnn, 5 measured rounds after 1 warm-up
     python bench/rounds.py --models 2nn --rounds 10 --device cuda
+    python bench/rounds.py --models 2nn --variants vectorized --compression none,quantize:8,topk:0.01,sign --repeat 3
 
 Prints a table and writes JSON under outputs/bench/. Every variant starts from the same initial weights.
 """
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader, Subset
 from torch.utils.flop_counter import FlopCounterMode
 
 from flexp.client import LocalSpec
+from flexp.compression.stage import QuantizeUpdates, RandomMaskUpdates, SignUpdates, TopKUpdates
 from flexp.config import DatasetConfig, FLConfig
 from flexp.data import load_mnist_dataset
 from flexp.engine.threads import ThreadEngine
@@ -33,9 +35,15 @@ from flexp.engine.vectorized import VectorizedEngine
 from flexp.fedavg import run_fedavg, sample_clients
 from flexp.models import build_model
 from flexp.partition import iid
+from flexp.stage import Plan, with_stages
+from flexp.strategy.fedavg import FedAvg
 
 SETTINGS = {"2nn": dict(local_epochs=1, batch_size=10, lr=0.1), "cnn": dict(local_epochs=5, batch_size=10, lr=0.1)}
 CLIENTS, FRACTION, SEED = 100, 0.1, 0
+CODECS = {"quantize": lambda plan, v: QuantizeUpdates(plan, bits=int(v or 8)),
+          "topk": lambda plan, v: TopKUpdates(plan, ratio=float(v or 0.01)),
+          "random_mask": lambda plan, v: RandomMaskUpdates(plan, ratio=float(v or 0.01)),
+          "sign": lambda plan, v: SignUpdates(plan)}
 
 
 @dataclass
@@ -149,9 +157,18 @@ class Timed:
         return out
 
 
+def codec_stage(spec: str, rounds: int):
+    """The compression stage a --compression entry names (`quantize:8`, `topk:0.01`, `sign`), or None for none."""
+    kind, _, value = spec.partition(":")
+    if kind == "none":
+        return None
+    plan = Plan(CLIENTS, CLIENTS * FRACTION, "fixed", rounds, SEED)
+    return CODECS[kind](plan, value)
+
+
 def flexp_loop(name: str, engine_name: str, data, parts, rounds: int, init: nn.Module,
-               device: torch.device) -> list[dict]:
-    """flexp's own round loop with the chosen engine."""
+               device: torch.device, codec: str = "none") -> list[dict]:
+    """flexp's own round loop with the chosen engine (and codec: the stage encodes and decodes every update)."""
     cfg = SETTINGS[name]
     spec = LocalSpec(cfg["local_epochs"], cfg["batch_size"], cfg["lr"])
     make = lambda: copy.deepcopy(init)  # noqa: E731
@@ -159,7 +176,9 @@ def flexp_loop(name: str, engine_name: str, data, parts, rounds: int, init: nn.M
               else VectorizedEngine(make, data.train, spec, device=device, workers=2))
     timed = Timed(engine, device)
     fl = FLConfig(CLIENTS, FRACTION, cfg["local_epochs"], cfg["batch_size"], cfg["lr"], rounds, 1, None, False)
-    result = run_fedavg(copy.deepcopy(init).to(device), parts, data.test, fl, timed, SEED)
+    stage = codec_stage(codec, rounds)
+    algorithm = with_stages(FedAvg(), {"compression": stage} if stage else {})
+    result = run_fedavg(copy.deepcopy(init).to(device), parts, data.test, fl, timed, SEED, strategy=algorithm)
     engine.close()
     return [dict(train_s=t, eval_s=r.round_seconds - t, accuracy=r.test_accuracy)
             for t, r in zip(timed.times, result.history)]
@@ -185,6 +204,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--root", default=os.environ.get("FLEXP_DATA", "~/.cache/flexp"))
     parser.add_argument("--out", default="outputs/bench")
+    parser.add_argument("--compression", default="none", help="codecs for the flexp variants, comma-separated: "
+                        "none, quantize:BITS, topk:RATIO, random_mask:RATIO, sign")
+    parser.add_argument("--repeat", type=int, default=1, help="run the variants this many times, interleaved "
+                        "(each keeps its fastest run: timings drift on a shared machine)")
     args = parser.parse_args()
     device, root = torch.device(args.device), Path(args.root).expanduser()
     data = load_mnist_dataset(DatasetConfig(name="mnist", root=root), log=lambda s: None)
@@ -198,19 +221,30 @@ def main() -> None:
         fps = flops_per_sample(init)
         cfg = SETTINGS[name]
         samples = int(CLIENTS * FRACTION) * 600 * cfg["local_epochs"]
-        for variant in args.variants.split(","):
-            with PeakRSS() as rss:
-                if variant == "reference":
-                    if device.type != "cpu":
-                        continue
-                    rounds = reference_loop(name, root, cpu_parts, total, init)
-                else:
-                    rounds = flexp_loop(name, variant, data.to(device), cpu_parts, total, init.to(device), device)
-            row = summarise(name, variant, rounds, args.warmup, samples, fps, roof, rss.peak)
-            rows.append(row)
-            print(f"  {name} {variant}: {row.round_s:.3f} s/round, acc {row.accuracy}", flush=True)
+        best: dict[str, Row] = {}
+        for _ in range(args.repeat):
+            for variant, codec in variants(args):
+                if variant == "reference" and device.type != "cpu":
+                    continue
+                with PeakRSS() as rss:
+                    rounds = (reference_loop(name, root, cpu_parts, total, init) if variant == "reference" else
+                              flexp_loop(name, variant, data.to(device), cpu_parts, total, init.to(device), device,
+                                         codec))
+                label = variant if codec == "none" else f"{variant}+{codec}"
+                row = summarise(name, label, rounds, args.warmup, samples, fps, roof, rss.peak)
+                print(f"  {name} {label}: {row.round_s:.3f} s/round, acc {row.accuracy}", flush=True)
+                if label not in best or row.round_s < best[label].round_s:
+                    best[label] = row
+        rows.extend(best.values())
     print_table(rows, roof)
     write_json(rows, roof, args)
+
+
+def variants(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(engine variant, codec) pairs: the reference loop once, each flexp engine with each codec."""
+    codecs = args.compression.split(",")
+    return [(v, "none") if v == "reference" else (v, c) for v in args.variants.split(",")
+            for c in (["none"] if v == "reference" else codecs)]
 
 
 def print_table(rows: list[Row], roof: float) -> None:
@@ -225,6 +259,19 @@ def print_table(rows: list[Row], roof: float) -> None:
               f"{r.accuracy[-1]:9.4f}")
     print(f"(roofline: fp32 2048^3 matmul, {roof:.1f} GFLOP/s; speedup: reference round s / round s; "
           "GFLOP/s over local training only)")
+    base = {(r.model, r.variant): r.round_s for r in rows if "+" not in r.variant}
+    for r in rows:
+        if "+" in r.variant and (r.model, r.variant.split("+")[0]) in base:
+            plain = base[(r.model, r.variant.split("+")[0])]
+            print(f"{r.model} {r.variant}: {100 * (r.round_s / plain - 1):+.1f}% round time over no compression")
+
+
+def cpu_model() -> str:
+    """lscpu's model name (timings compare only within one machine)."""
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
 
 
 def write_json(rows: list[Row], roof: float, args: argparse.Namespace) -> None:
@@ -233,7 +280,8 @@ def write_json(rows: list[Row], roof: float, args: argparse.Namespace) -> None:
     path = out / f"rounds-{time.strftime('%Y%m%d-%H%M%S')}.json"
     meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
                 machine=platform.machine(), device=args.device, rounds=args.rounds, warmup=args.warmup,
-                clients=CLIENTS, fraction=FRACTION, settings=SETTINGS, roofline_gflops=roof)
+                clients=CLIENTS, fraction=FRACTION, settings=SETTINGS, roofline_gflops=roof,
+                compression=args.compression, repeat=args.repeat, cpu=cpu_model())
     path.write_text(json.dumps(dict(meta=meta, rows=[asdict(r) for r in rows]), indent=2))
     print(f"wrote {path}")
 

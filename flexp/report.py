@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from flexp.compression import report as codec
 from flexp.metrics import interpolated_rounds_to_target, rounds_to_target
 from flexp.paper import NOT_REACHED, paper_missing, paper_rounds, percent
 from flexp.selection import LR, best_rates, cell_keys, is_lr_grid, rates_table, unreached
@@ -592,6 +593,7 @@ def report(keys: str | list[str], out_root: Path = Path("outputs/reports"), trac
         raise LookupError(f"{' '.join(keys)!r} has no federated runs")
     accs = histories(list(fl_runs["run_id"]), "test_accuracy")
     traffic = {r: {m: h[r] for m in ("bytes_up", "bytes_down") for h in [histories([r], m)]} for r in accs}
+    hours = {r: h for r, h in histories(list(accs), "sim_hours").items() if h}
     baseline = histories(list(base_runs["run_id"]), "test_accuracy")
     frame, varying, reference = build_table(fl_runs, accs)
     target = number(frame["fl.target_accuracy"].iloc[0]) if "fl.target_accuracy" in frame else None
@@ -602,6 +604,10 @@ def report(keys: str | list[str], out_root: Path = Path("outputs/reports"), trac
     privacy = privacy_table(fl_runs, frame) if declared(fl_runs, "table") == PRIVACY else None
     if privacy is not None:
         text = f"{privacy_markdown(privacy[0], privacy_caption(fl_runs, privacy[1]))}\nAll runs:\n\n{text}"
+    codecs = codec.compression_table(fl_runs, frame, traffic, hours) if declared(fl_runs, "table") == \
+        codec.COMPRESSION else None
+    if codecs is not None:
+        text = f"{codec.compression_markdown(codecs, target)}\nAll runs:\n\n{text}"
     (out / "table.md").write_text(f"# {name}\n\n{text}")
     frame.to_csv(out / "table.csv", index=False)
     paths = [out / "table.md", out / "table.csv"]
@@ -612,6 +618,7 @@ def report(keys: str | list[str], out_root: Path = Path("outputs/reports"), trac
     if privacy is not None:
         privacy[0].to_csv(out / "privacy.csv", index=False)
         paths += [out / "privacy.csv", *plot_privacy(privacy[0], accs, out, plot_title(frame, False))]
+    paths += time_plots(frame, varying, codecs, accs, traffic, hours, out, target)
     if parents:
         from mlflow.tracking import MlflowClient
 
@@ -622,6 +629,25 @@ def report(keys: str | list[str], out_root: Path = Path("outputs/reports"), trac
     print(text)
     print(f"wrote {out}" + (f" and logged it to parent run(s) {', '.join(parents)}" if parents else ""))
     return out
+
+
+def time_plots(frame: pd.DataFrame, varying: list[str], codecs: pd.DataFrame | None, accs: Mapping,
+               traffic: Mapping, hours: Mapping, out: Path, target: float | None) -> list[Path]:
+    """Accuracy against simulated hours where runs have a system model; for a codec sweep (codecs) also against MB
+    sent up, one panel per partition and deployment (compression.csv holds the table)."""
+    title = plot_title(frame, False)
+    if codecs is None:
+        panels = {"": [(r["run_id"], label(r, varying)) for r in frame.to_dict("records")]}
+        made = [codec.plot_panels(panels, accs, codec.hours_of(hours), "simulated hours", out / "accuracy_vs_hours.png",
+                                  title, target)]
+        return [p for p in made if p is not None]
+    codecs.to_csv(out / "compression.csv", index=False)
+    panels = codec.panels_of(codecs)
+    made = [codec.plot_panels(panels, accs, codec.hours_of(hours), "simulated hours", out / "accuracy_vs_hours.png",
+                              title, target),
+            codec.plot_panels(panels, accs, codec.mb_up_of(traffic), "MB sent up", out / "accuracy_vs_mb_up.png",
+                              title, target)]
+    return [out / "compression.csv", *(p for p in made if p is not None)]
 
 
 def tables(frame: pd.DataFrame, varying: list[str], reference: Mapping[str, object],

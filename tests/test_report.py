@@ -227,3 +227,57 @@ def test_privacy_sweep_runs_dp_fedavg_at_each_target_and_its_non_private_run_com
     assert not fl.stop_at_target and fl.eval_every == 5
     config = parse_config(public)   # nothing of dp_fedavg is left on privacy=none
     assert config.privacy is None and config.tracking.experiment == "privacy" and config.fl.clients == 1000
+
+
+def test_compression_report_lists_each_codecs_bytes_and_simulated_hours_beside_no_compression(tmp_path):
+    """Tiny runs without compression, with 8-bit quantization and with top-k, on uniform devices, in one experiment
+    whose preset declares report.table=compression (as sweeps/sweep/compression.yaml does)."""
+    import flexp
+    from flexp.report import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    base = [*SMALL, f"tracking.uri={uri}", "tracking.experiment=codecs", "+report.table=compression",
+            "fl.fraction=0.5", "fl.eval_every=1", "fl.target_accuracy=0.5", "system=uniform"]
+    runs = {codec: flexp.run(flexp.compose([*base, *overrides]), tracking=True) for codec, overrides in [
+        ("none", []), ("quantize 8-bit", ["compression=quantize"]),
+        ("topk 10% EF", ["compression=topk", "compression.ratio=0.1"])]}
+
+    assert main(["codecs", "--tracking-uri", uri, "--out", str(tmp_path), "--name", "r"]) == 0
+    table = pd.read_csv(tmp_path / "r" / "compression.csv").set_index("codec")
+    assert sorted(table.index) == sorted(runs)
+    for codec, result in runs.items():
+        row = table.loc[codec]
+        assert row["mb_up"] == pytest.approx(sum(r.bytes_up for r in result.history) / 1e6)
+        assert row["mb_down"] == pytest.approx(sum(r.bytes_down for r in result.history) / 1e6)
+        assert row["sim_hours"] == pytest.approx(result.history[-1].sim_hours)
+        assert row["up_reduction"] == pytest.approx(table.loc["none", "mb_up"] / row["mb_up"])
+        if pd.notna(row["rounds_to_target"]):   # hours interpolated at the interpolated round, within its bracket
+            hours = [0.0, *(r.sim_hours for r in result.history)]
+            at = int(row["rounds_to_target"])
+            assert hours[at] <= row["hours_to_target"] <= hours[min(at + 1, len(hours) - 1)]
+    assert table.loc["quantize 8-bit", "up_reduction"] > 3.9 and table.loc["none", "delta_points"] == 0
+    text = (tmp_path / "r" / "table.md").read_text()
+    assert text.index("| partition | devices | codec |") < text.index("All runs")
+    for name in ("accuracy_vs_hours.png", "accuracy_vs_mb_up.png"):
+        assert (tmp_path / "r" / name).stat().st_size > 0
+
+
+def test_compression_sweep_crosses_partitions_codecs_and_deployments():
+    from hydra import compose, initialize_config_dir
+
+    from flexp.__main__ import CONF_DIR
+    from flexp.config import parse_config
+    from flexp.searchpath import SWEEPS_DIR
+
+    preset = ["+experiment=mnist_2nn_iid", "+sweep=compression", f"hydra.searchpath=[file://{SWEEPS_DIR}]"]
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        swept = compose("config", preset, return_hydra_config=True)
+        one = parse_config(compose("config", [*preset, "+codec=topk_no_ef", "+deployment=heavy_tailed"]))
+        plain = parse_config(compose("config", [*preset, "+codec=none", "+deployment=uniform"]))
+    params = swept.hydra.sweeper.params
+    assert params["partition"] == "iid,shards" and params["+deployment"] == "uniform,heavy_tailed"
+    assert params["+codec"] == "none,quantize8,quantize4,topk,topk_no_ef,sign"
+    assert swept.report.table == "compression" and not swept.fl.stop_at_target
+    assert one.compression.name == "topk" and one.compression.kwargs["error_feedback"] is False
+    assert one.system.name == "heavy_tailed" and one.system.kwargs["over_select"] == 0.3
+    assert plain.compression is None and plain.system.kwargs["spread"] == 0.0
