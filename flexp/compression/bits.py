@@ -24,21 +24,22 @@ def pack(codes: Tensor, bits: int) -> Tensor:
         per = WHOLE[bits]
         padded = torch.zeros(-(-n // per) * per, dtype=torch.uint8)
         padded[:n] = codes
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
-        return (padded.view(-1, per) << shifts).sum(1, dtype=torch.uint8)
+        out = padded[0::per].clone()
+        for j in range(1, per):
+            out |= padded[j::per] << (j * bits)
+        return out
     planes = (codes.to(torch.int32).unsqueeze(1) >> torch.arange(bits, dtype=torch.int32)) & 1
     return pack(planes.reshape(-1), 1)
 
 
 def unpack(data: Tensor, n: int, bits: int) -> Tensor:
-    """The n codes `pack` stored in `data`, as int64."""
+    """The n codes `pack` stored in `data`: uint8 up to 8 bits, int64 above."""
     if bits == 8:
-        return data.to(torch.int64)
+        return data[:n]
     if bits == 16:
         return data.view(torch.int16).to(torch.int64) & 0xFFFF
     if bits in WHOLE:
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
-        codes = (data.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
-        return codes.reshape(-1)[:n].to(torch.int64)
+        mask = (1 << bits) - 1
+        return torch.stack([(data >> shift) & mask for shift in range(0, 8, bits)], 1).reshape(-1)[:n]
     planes = unpack(data, n * bits, 1).view(n, bits)
     return (planes << torch.arange(bits, dtype=torch.int64)).sum(1)
