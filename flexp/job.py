@@ -108,9 +108,19 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
         stages = build_stages(cfg)
         for stage in stages.values():
             stage.check(model, algorithm)
+        warn_retired_hooks(algorithm)
         algorithm = with_stages(algorithm, stages)
         system = make_system(cfg, parts, model, algorithm)
     return Prepared(data.to(device), parts, model, device, callbacks, algorithm, system)
+
+
+def warn_retired_hooks(algorithm: Algorithm) -> None:
+    """Warn about an algorithm hook flexp no longer calls (wire_bytes: bytes are now read off the messages)."""
+    inner = getattr(algorithm, "inner", algorithm)
+    if hasattr(inner, "wire_bytes"):
+        log.warning("%s.wire_bytes is no longer called: bytes are counted from the messages themselves (send what a "
+                    "client downloads as message() tensors; override upload_bytes(reply) for what it sends beyond "
+                    "its reply)", type(inner).__name__)
 
 
 def make_system(cfg: ExperimentConfig, parts: Sequence[torch.Tensor], model: nn.Module,

@@ -162,3 +162,16 @@ def test_download_quantization_starts_every_client_from_the_same_rounded_weights
     assert torch.equal(staged.broadcast(4, params)[0], start)  # one draw per round, the same for every client
     reply = staged.receive(4, params, _reply(2, start + 1.0))  # the client moved every weight by 1 from its start
     assert torch.allclose(reply.params - params, torch.ones(4096), atol=1e-5)  # rebased onto the global weights
+
+
+def test_an_algorithm_that_still_defines_wire_bytes_is_warned_that_it_is_not_called(caplog):
+    from flexp.job import warn_retired_hooks
+
+    class Old(FedAvg):
+        def wire_bytes(self, model_bytes):
+            return 2 * model_bytes
+
+    warn_retired_hooks(FedAvg())
+    assert not caplog.records
+    warn_retired_hooks(Old())
+    assert "Old.wire_bytes is no longer called" in caplog.text

@@ -209,17 +209,24 @@ def test_privacy_report_has_a_row_per_level_least_epsilon_first_and_the_non_priv
         assert (tmp_path / "r" / name).stat().st_size > 0
 
 
-def test_privacy_sweep_runs_dp_fedavg_at_each_target_and_its_non_private_run_composes_from_the_same_preset():
+def _sweep_preset(sweep, *variants):
+    """`+experiment=mnist_2nn_iid +sweep=<sweep>` composed as the multirun sees it (with its hydra node), then with
+    each list of `variants`' overrides added, as one of its jobs or a run beside it."""
     from hydra import compose, initialize_config_dir
 
     from flexp.__main__ import CONF_DIR
-    from flexp.config import parse_config
     from flexp.searchpath import SWEEPS_DIR
 
-    preset = ["+experiment=mnist_2nn_iid", "+sweep=privacy", f"hydra.searchpath=[file://{SWEEPS_DIR}]"]
+    preset = ["+experiment=mnist_2nn_iid", f"+sweep={sweep}", f"hydra.searchpath=[file://{SWEEPS_DIR}]"]
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        private = compose("config", preset, return_hydra_config=True)
-        public = compose("config", [*preset, "privacy=none"])
+        return [compose("config", preset, return_hydra_config=True),
+                *(compose("config", [*preset, *extra]) for extra in variants)]
+
+
+def test_privacy_sweep_runs_dp_fedavg_at_each_target_and_its_non_private_run_composes_from_the_same_preset():
+    from flexp.config import parse_config
+
+    private, public = _sweep_preset("privacy", ["privacy=none"])
     assert private.hydra.sweeper.params["++privacy.target_epsilon"] == "1,2,4,8,inf"
     assert private.privacy.name == "dp_fedavg" and private.report.table == "privacy"
     fl = private.fl
@@ -263,17 +270,11 @@ def test_compression_report_lists_each_codecs_bytes_and_simulated_hours_beside_n
 
 
 def test_compression_sweep_crosses_partitions_codecs_and_deployments():
-    from hydra import compose, initialize_config_dir
-
-    from flexp.__main__ import CONF_DIR
     from flexp.config import parse_config
-    from flexp.searchpath import SWEEPS_DIR
 
-    preset = ["+experiment=mnist_2nn_iid", "+sweep=compression", f"hydra.searchpath=[file://{SWEEPS_DIR}]"]
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        swept = compose("config", preset, return_hydra_config=True)
-        one = parse_config(compose("config", [*preset, "+codec=topk_no_ef", "+deployment=heavy_tailed"]))
-        plain = parse_config(compose("config", [*preset, "+codec=none", "+deployment=uniform"]))
+    swept, *jobs = _sweep_preset("compression", ["+codec=topk_no_ef", "+deployment=heavy_tailed"],
+                                 ["+codec=none", "+deployment=uniform"])
+    one, plain = (parse_config(job) for job in jobs)
     params = swept.hydra.sweeper.params
     assert params["partition"] == "iid,shards" and params["+deployment"] == "uniform,heavy_tailed"
     assert params["+codec"] == "none,quantize8,quantize4,topk,topk_no_ef,sign"
