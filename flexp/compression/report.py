@@ -157,6 +157,7 @@ def plot_panels(panels: Mapping[str, list[tuple[str, str]]], accs: History, x_of
     cols = min(len(curves), 2)
     rows = math.ceil(len(curves) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.2 * rows), squeeze=False)
+    fig.subplots_adjust(hspace=0.35)
     for ax, (name, cs) in zip(axes.flat, curves.items()):
         for _, label, points in cs:
             ax.plot([x for x, _ in points], [a for _, a in points], label=label)

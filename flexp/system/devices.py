@@ -129,6 +129,6 @@ class System:
     def run_params(self) -> dict[str, Any]:
         """Summary figures of the devices, logged with the run's params."""
         p = self.profiles
-        return {"system.median_samples_per_second": float(np.median(p.speed)),
-                "system.median_up_mbps": float(np.median(p.up)) / MBPS,
-                "system.median_down_mbps": float(np.median(p.down)) / MBPS}
+        medians = {"samples_per_second": np.median(p.speed), "up_mbps": np.median(p.up) / MBPS,
+                   "down_mbps": np.median(p.down) / MBPS}
+        return {f"system.median_{k}": float(f"{v:.4g}") for k, v in medians.items()}
