@@ -152,6 +152,7 @@ Usage (`flexp` is the same command as `python -m flexp`):
   python -m flexp resume=<output dir | MLflow run id>     continue a stopped job from its last checkpoint
   python -m flexp.report <sweep id | experiment>          a sweep's table and plots from MLflow
   python -m flexp --cfg job [overrides]                   print the composed config, run nothing
+  python -m flexp --help group=option                     this help with that option's keys (compression=topk)
 
 Presets (+experiment=): {presets}
 Sweeps (+sweep=, with -m): {sweeps}

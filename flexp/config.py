@@ -339,6 +339,9 @@ def _target_dataset(s: _Section) -> DatasetConfig:
     return DatasetConfig(name=name, target=target, options=options)
 
 
+RUN_SUPPLIED = ("plan",)  # arguments only flexp passes (a stage's or system's Plan); a config cannot set them
+
+
 def check_arguments(key: str, target: str, options: Mapping[str, Any], supplied: tuple[str, ...] = (),
                     kind: type | None = None) -> Any:
     """Refuse (naming `section.argument`) a `_target_` that cannot be imported, a class that is not a `kind`, or
@@ -366,8 +369,12 @@ def check_arguments(key: str, target: str, options: Mapping[str, Any], supplied:
         return func
     section = key.rsplit(".", 1)[0]
     given = {k: v for k, v in options.items() if not (k.startswith("_") and k.endswith("_"))}
+    for name in given:
+        if name in supplied and name in RUN_SUPPLIED:
+            raise ConfigError(f"{section}.{name}", None, "is not a setting: flexp passes the run's plan")
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        takes = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        takes = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                 and n not in RUN_SUPPLIED]
         for name in given:
             if name not in takes:
                 raise ConfigError(f"{section}.{name}", None,

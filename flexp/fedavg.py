@@ -94,10 +94,13 @@ class TrainingResult:
 
     def summary(self) -> dict[str, float]:
         """best/final accuracy, rounds_to_target (first round, and the paper's interpolated one, when reached), total
-        seconds, the round a stop rule ended the run after (stopped_at_round), and with a system model the
-        simulated hours in all (total_sim_hours) and to the target (hours_to_target, at rounds_to_target)."""
+        seconds and MB sent each way, the round a stop rule ended the run after (stopped_at_round), and with a
+        system model the simulated hours in all (total_sim_hours) and to the target (hours_to_target)."""
         accs = self.accuracies()
         out: dict[str, float] = {"total_seconds": sum(r.round_seconds for r in self.history)}
+        if self.history and any(r.bytes_up or r.bytes_down for r in self.history):  # the baseline sends nothing
+            out["total_mb_up"] = sum(r.bytes_up for r in self.history) / 1e6
+            out["total_mb_down"] = sum(r.bytes_down for r in self.history) / 1e6
         if accs:
             out["best_test_accuracy"] = max(a for _, a in accs)
             out["final_test_accuracy"] = accs[-1][1]
@@ -310,10 +313,10 @@ def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split,
         weights, weights_bytes = algorithm.broadcast(round_, global_params)
         tasks = round_tasks(partition, returned, slow, seed, round_, cond.data, algorithm, global_params)
         updates = engine.run_round(weights, tasks, algorithm, **sent) if tasks else []
-        updates = [algorithm.receive(round_, global_params, u) for u in updates]
+        updates = [algorithm.receive(round_, global_params, rebased(u, weights, global_params)) for u in updates]
         down = {t.client: weights_bytes + message_bytes(t.message) for t in tasks}
         up = {u.client: algorithm.upload_bytes(u) for u in updates if failure(u) is None}
-        clock = None if system is None else on_clock(system, tasks, down, up, fl, len(chosen))
+        clock = None if system is None else on_clock(system, tasks, down, up, fl, len(chosen), round_)
         if clock is not None:
             left_out = set(clock.late) | set(clock.surplus)
             updates = [u for u in updates if u.client not in left_out]
@@ -357,20 +360,32 @@ def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split,
     return result
 
 
+def rebased(update: ClientResult, start: torch.Tensor, global_params: torch.Tensor) -> ClientResult:
+    """A usable update moved from the weights its client started from (an encoded broadcast) onto the global
+    weights: the update is the client's, the broadcast's rounding is not. Unchanged when they are the same."""
+    if start is global_params or failure(update) is not None:
+        return update
+    return replace(update, params=global_params + (update.params - start))
+
+
 def message_bytes(message: dict[str, torch.Tensor]) -> int:
     """Bytes of an algorithm's message to a client (its random key stays out: a device draws its own)."""
     return tensor_bytes(v for k, v in message.items() if k != "random")
 
 
 def on_clock(system: System, tasks: Sequence[ClientTask], down: dict[int, int], up: dict[int, int], fl: FLConfig,
-             chosen: int) -> Schedule:
+             chosen: int, round_: int) -> Schedule:
     """The round on the simulated clock: each client that sent a reply takes download + local training (its
     epochs x its samples) + upload of its own messages; the server keeps the first m on time (all with Poisson
     sampling) and waits for the deadline when a sampled client never reports."""
     times = {t.client: system.profiles.seconds(t.client, down[t.client], (t.epochs or fl.local_epochs) * len(t.indices),
                                                up[t.client]) for t in tasks if t.client in up}
     wanted = fl.clients_per_round if fl.sampling == "fixed" else chosen
-    return schedule(times, wanted, system.deadline, waiting=len(times) < chosen)
+    clock = schedule(times, wanted, system.deadline, waiting=len(times) < chosen)
+    if clock.late and not clock.kept:
+        log.warning("round %d: every client reported after system.deadline=%g s (the fastest took %.3g s)", round_,
+                    system.deadline, min(times.values()))
+    return clock
 
 
 def reached_target(fl: FLConfig, history: Sequence[RoundRecord]) -> bool:

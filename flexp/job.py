@@ -14,7 +14,7 @@ from torch import nn
 
 from flexp import checkpoint, interrupt
 from flexp import partition as partitions
-from flexp.algorithm import Algorithm
+from flexp.algorithm import Algorithm, tensor_bytes
 from flexp.baseline import run_baseline
 from flexp.callbacks import Callback, RoundData, build_callbacks, run_callbacks
 from flexp.client import LocalSpec
@@ -95,6 +95,8 @@ def resolve_device(name: str) -> torch.device:
 def prepare(cfg: ExperimentConfig) -> Prepared:
     """Load data, partition it and build the model; every ConfigError surfaces here, before a run exists."""
     device = resolve_device(cfg.engine.device)
+    federated = cfg.mode == "federated"
+    stages, system = (build_stages(cfg), make_system(cfg)) if federated else ({}, None)  # before the data loads
     data = load_dataset(cfg.dataset, log=log.info)
     interrupt.check()
     parts = make_partition(cfg, data) if cfg.mode == "federated" else []
@@ -102,15 +104,15 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
     model = new_model(cfg, data).to(device)
     callbacks = build_callbacks(cfg.callbacks) if cfg.mode == "federated" else []
     build_loss(cfg.loss), build_metrics(cfg.metrics)  # a bad loss or metric target is a ConfigError here
-    algorithm, system = None, None
-    if cfg.mode == "federated":
+    algorithm = None
+    if federated:
         algorithm = make_algorithm(cfg.strategy, cfg.attack, cfg.fl.clients, cfg.fl.lr, cfg.seed, data.num_classes)
-        stages = build_stages(cfg)
         for stage in stages.values():
             stage.check(model, algorithm)
         warn_retired_hooks(algorithm)
         algorithm = with_stages(algorithm, stages)
-        system = make_system(cfg, parts, model, algorithm)
+        if system is not None:
+            check_deadline(cfg, system, parts, model, algorithm)
     return Prepared(data.to(device), parts, model, device, callbacks, algorithm, system)
 
 
@@ -123,21 +125,27 @@ def warn_retired_hooks(algorithm: Algorithm) -> None:
                     "its reply)", type(inner).__name__)
 
 
-def make_system(cfg: ExperimentConfig, parts: Sequence[torch.Tensor], model: nn.Module,
-                algorithm: Algorithm) -> System | None:
-    """The configured system (None when off), its deadline checked against what each client must download and
-    train on in a round."""
+def make_system(cfg: ExperimentConfig) -> System | None:
+    """The configured system (None when off)."""
     from flexp.component import build
-    from flexp.flat import flat_parameters
 
     if cfg.system is None:
         return None
     system = build(cfg.system, plan=plan_of(cfg))
     if not isinstance(system, System):
         raise ConfigError("system._target_", cfg.system.target, "must build a flexp.system.devices.System")
-    weights_bytes = algorithm.broadcast(1, flat_parameters(model).detach())[1]
-    system.check_deadline(weights_bytes, [cfg.fl.local_epochs * len(p) for p in parts])
     return system
+
+
+def check_deadline(cfg: ExperimentConfig, system: System, parts: Sequence[torch.Tensor], model: nn.Module,
+                   algorithm: Algorithm) -> None:
+    """Refuse a system.deadline no client can meet: what each must download, train on and (without a codec)
+    upload in a round takes longer."""
+    from flexp.flat import flat_parameters
+
+    weights = flat_parameters(model).detach()
+    upload = tensor_bytes([weights]) if cfg.compression is None else 0  # a codec's message size depends on the data
+    system.check_deadline(algorithm.broadcast(1, weights)[1], [cfg.fl.local_epochs * len(p) for p in parts], upload)
 
 
 def run_name(cfg: ExperimentConfig) -> str:
@@ -148,19 +156,34 @@ def run_name(cfg: ExperimentConfig) -> str:
         return f"baseline {batch} {cfg.model.name} {cfg.dataset.name}"
     fl = cfg.fl
     return (f"K{fl.clients} C{fl.fraction:g} E{fl.local_epochs} {batch} {cfg.strategy.name}{privacy_label(cfg)}"
-            f"{compression_label(cfg)}{'' if cfg.system is None else ' ' + cfg.system.name} "
+            f"{compression_label(cfg)}{system_label(cfg)} "
             f"{cfg.model.name} {cfg.dataset.name} {cfg.partition.name}")
 
 
 def compression_label(cfg: ExperimentConfig) -> str:
-    """' quantize8', ' topk0.01 ef', ' sign ef': the codec, its bits or ratio and error feedback, for the run name;
-    '' without compression."""
+    """' quantize8 rot', ' topk0.01 ef', ' sign ef down8': the codec, its bits or ratio, rotation, error feedback
+    and download bits, for the run name; '' without compression."""
     if cfg.compression is None:
         return ""
     kwargs = cfg.compression.kwargs
     size = next((kwargs[k] for k in ("bits", "ratio") if isinstance(kwargs.get(k), (int, float))), None)
-    return f" {cfg.compression.name}{'' if size is None else format(size, 'g')}" \
-           f"{' ef' if kwargs.get('error_feedback') is True else ''}"
+    flags = [flag for key, flag in (("rotate", "rot"), ("error_feedback", "ef")) if kwargs.get(key) is True]
+    if isinstance(kwargs.get("download_bits"), int) and cfg.compression.name != "download":
+        flags.append(f"down{kwargs['download_bits']}")
+    name = cfg.compression.name + ("" if size is None else format(size, "g"))
+    if cfg.compression.name == "download":
+        name += str(kwargs.get("download_bits", ""))
+    return " " + " ".join([name, *flags])
+
+
+def system_label(cfg: ExperimentConfig) -> str:
+    """' heavy_tailed os0.3 dl30': the system option, over-selection and deadline (s), for the run name."""
+    if cfg.system is None:
+        return ""
+    kwargs = cfg.system.kwargs
+    flags = [f"{short}{kwargs[key]:g}" for key, short in (("over_select", "os"), ("deadline", "dl"))
+             if isinstance(kwargs.get(key), (int, float)) and kwargs[key]]
+    return " " + " ".join([cfg.system.name, *flags])
 
 
 def privacy_label(cfg: ExperimentConfig) -> str:

@@ -289,8 +289,10 @@ def column_order(key: str, value: object) -> tuple:
 
 
 def label(row: Mapping[str, object], varying: list[str]) -> str:
-    """A run's legend entry: the keys that vary as the paper writes them ('IID B=10 C=0.1 η=0.1')."""
-    return column_title(varying, tuple(row[k] for k in varying)) or str(row["run_id"])[:8]
+    """A run's legend entry: the keys that vary as the paper writes them ('IID B=10 C=0.1 η=0.1'), leaving out keys
+    a run does not have (a codec's bits beside one with a ratio)."""
+    keys = [k for k in varying if str(row[k]) not in ("nan", "None", "n/a", "")]
+    return column_title(keys, tuple(row[k] for k in keys)) or str(row["run_id"])[:8]
 
 
 def paper_layout(frame: pd.DataFrame, keys: list[str], reference: Mapping[str, object]) -> str:
@@ -604,10 +606,10 @@ def report(keys: str | list[str], out_root: Path = Path("outputs/reports"), trac
     privacy = privacy_table(fl_runs, frame) if declared(fl_runs, "table") == PRIVACY else None
     if privacy is not None:
         text = f"{privacy_markdown(privacy[0], privacy_caption(fl_runs, privacy[1]))}\nAll runs:\n\n{text}"
-    codecs = codec.compression_table(fl_runs, frame, traffic, hours) if declared(fl_runs, "table") == \
-        codec.COMPRESSION else None
+    codecs, left_out = codec.compression_table(fl_runs, frame, traffic, hours) \
+        if declared(fl_runs, "table") == codec.COMPRESSION else (None, 0)
     if codecs is not None:
-        text = f"{codec.compression_markdown(codecs, target)}\nAll runs:\n\n{text}"
+        text = f"{codec.compression_markdown(codecs, target, left_out)}\nAll runs:\n\n{text}"
     (out / "table.md").write_text(f"# {name}\n\n{text}")
     frame.to_csv(out / "table.csv", index=False)
     paths = [out / "table.md", out / "table.csv"]

@@ -12,7 +12,7 @@ with its `_target_` class (flexp.component).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
@@ -102,7 +102,6 @@ class Staged(Algorithm):
 
     def __init__(self, inner: Algorithm, stages: Mapping[str, Stage]) -> None:
         self.inner, self.stages = inner, dict(stages)
-        self.start: Tensor | None = None  # the round's broadcast weights, when a stage encoded them
         self.trainer = next((s for s in self.stages.values() if touches_training(s)), None)
         self.random = inner.random or any(s.random for s in self.stages.values())
         self.empty_rounds = inner.empty_rounds or any(s.empty_rounds for s in self.stages.values())
@@ -126,19 +125,14 @@ class Staged(Algorithm):
         sent = self.inner.broadcast(round_, params)
         for stage in self.stages.values():
             sent = stage.broadcast(round_, sent[0]) or sent
-        self.start = None if sent[0] is params else sent[0]
         return sent
 
     def receive(self, round_: int, params: Tensor, reply: ClientResult) -> ClientResult:
-        """Failed replies pass untouched (the round leaves them out); usable ones are moved onto the global weights
-        when clients started from an encoded broadcast (the update is theirs, the rounding of the broadcast is
-        not), go through each client stage, then to inner (an attacker's malicious clients poison what they were
-        to send)."""
+        """Failed replies pass untouched (the round leaves them out); usable ones go through each client stage, then
+        to inner (an attacker's malicious clients poison what they were to send)."""
         from flexp.fedavg import failure
 
         if failure(reply) is None:
-            if self.start is not None:
-                reply = replace(reply, params=params + (reply.params - self.start))
             for stage in self.stages.values():
                 reply = stage.client(round_, params, reply)
         return self.inner.receive(round_, params, reply)

@@ -8,7 +8,7 @@ import torch
 from flexp.client import ClientResult
 from flexp.compression.bits import pack, packed_size, unpack
 from flexp.compression.codecs import Quantizer, RandomMask, Sign, TopK
-from flexp.compression.stage import QuantizeUpdates, SignUpdates, TopKUpdates
+from flexp.compression.stage import QuantizeDownload, QuantizeUpdates, SignUpdates, TopKUpdates
 from flexp.privacy.clip import clipped
 from flexp.privacy.dp_fedavg import DPFedAvg, within_clip
 from flexp.rng import client_key
@@ -128,9 +128,9 @@ def test_without_error_feedback_no_residual_is_kept_and_the_state_is_empty():
 
 
 def test_a_codec_after_dp_clipping_runs_clip_encode_decode_reclip_then_noise_in_that_order():
-    """The documented order: the client clips (privacy), then encodes (compression); the server decodes, clips the
-    decoded update again (a codec may lengthen it: 1-bit quantization does), sums, noises and divides by the fixed
-    denominator. With noise 0 the result is that composition computed by hand."""
+    """The documented order: the client clips (privacy), then encodes its update in the model's dtype (compression);
+    the server decodes, clips the decoded update again (a codec may lengthen it: 1-bit quantization does), sums,
+    noises and divides by the fixed denominator. With noise 0 the result is that composition computed by hand."""
     clip, params = 0.5, _vector(3000, 8)
     replies = [_reply(c, params + 0.1 * _vector(3000, 20 + c)) for c in range(4)]
     codec = QuantizeUpdates(PLAN, bits=1).codec
@@ -142,26 +142,33 @@ def test_a_codec_after_dp_clipping_runs_clip_encode_decode_reclip_then_noise_in_
     total, lengthened = torch.zeros(3000, dtype=torch.float64), 0
     for reply in replies:  # each step as the stages compute it: weights in float64, updates taken from them
         clipped_weights = params.double() + clipped(reply.params.double() - params.double(), clip)[0]
-        update = clipped_weights - params
+        update = (clipped_weights - params).float()  # sent in the model's dtype
         decoded = codec.decode(codec.encode(update, client_key(PLAN.seed, 1, reply.client)))
         lengthened += float(decoded.norm()) > clip
         total += within_clip((params + decoded).double() - params.double(), clip)
     assert lengthened, "the example must exercise the server's second clip"
     expected = (params.double() + total / PLAN.per_round).float()
     torch.testing.assert_close(result, expected, rtol=0, atol=float(expected.abs().max()) * 2 ** -23)
-    assert all(r.sent_bytes == codec.encode(torch.zeros(3000, dtype=torch.float64), 0).nbytes for r in received)
+    assert all(r.sent_bytes == codec.encode(torch.zeros(3000), 0).nbytes for r in received)
 
 
 def test_download_quantization_starts_every_client_from_the_same_rounded_weights_and_counts_its_bytes():
-    stage = TopKUpdates(PLAN, ratio=1.0, download_bits=8)
-    staged = Staged(FedAvg(), {"compression": stage})
+    from flexp.algorithm import held_tensors
+    from flexp.fedavg import rebased
+
+    staged = Staged(FedAvg(), {"compression": TopKUpdates(PLAN, ratio=1.0, error_feedback=False, download_bits=8)})
     params = _vector(4096, 9)
     start, nbytes = staged.broadcast(4, params)
     assert nbytes == 4096 + 4 * 8 and not torch.equal(start, params)
     assert ((start - params).abs() <= (params.max() - params.min()) / 255).all()
     assert torch.equal(staged.broadcast(4, params)[0], start)  # one draw per round, the same for every client
-    reply = staged.receive(4, params, _reply(2, start + 1.0))  # the client moved every weight by 1 from its start
-    assert torch.allclose(reply.params - params, torch.ones(4096), atol=1e-5)  # rebased onto the global weights
+    alone = Staged(FedAvg(), {"compression": QuantizeDownload(PLAN, download_bits=8)})
+    assert torch.equal(alone.broadcast(4, params)[0], start)  # compression=download: the same broadcast, ...
+    assert alone.receive(4, params, _reply(1, params + 1)).sent_bytes is None  # ... and updates sent in full
+    moved = rebased(_reply(2, start + 1.0), start, params)  # the client moved every weight by 1 from its start
+    reply = staged.receive(4, params, moved)
+    assert torch.allclose(reply.params - params, torch.ones(4096), atol=1e-5)  # applied to the global weights
+    assert held_tensors(staged) == {}  # the broadcast is not state: nothing a checkpoint would miss
 
 
 def test_an_algorithm_that_still_defines_wire_bytes_is_warned_that_it_is_not_called(caplog):
@@ -175,3 +182,26 @@ def test_an_algorithm_that_still_defines_wire_bytes_is_warned_that_it_is_not_cal
     assert not caplog.records
     warn_retired_hooks(Old())
     assert "Old.wire_bytes is no longer called" in caplog.text
+
+
+def test_after_dp_fedavg_a_codec_encodes_and_counts_the_update_in_the_models_dtype():
+    """DP-FedAvg clips in float64; the codec still sends float32 values and scales, as a device would."""
+    params = _vector(3000, 10)
+    staged = Staged(FedAvg(), {"privacy": DPFedAvg(clip=10.0, noise_multiplier=0.0, plan=PLAN),
+                               "compression": TopKUpdates(PLAN, ratio=0.01)})
+    reply = staged.receive(1, params, _reply(0, params + 0.1 * _vector(3000, 11)))
+    assert reply.sent_bytes == 30 * 4 + 30 * 4  # 30 float32 values and their int32 indices
+    assert staged.stages["compression"].residual[0].dtype == torch.float32
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["compression=quantize", "compression.rotate=true", "compression.download_bits=4"], " quantize8 rot down4 "),
+    (["compression=download"], " download8 "),
+    (["compression=topk", "system=heavy_tailed", "system.over_select=0.3", "system.deadline=30"],
+     " topk0.01 ef heavy_tailed os0.3 dl30 "),
+    (["compression=random_mask", "system=uniform"], " random_mask0.01 uniform ")])
+def test_run_names_say_the_codec_and_the_devices(overrides, named):
+    from flexp.api import compose, experiment
+    from flexp.job import run_name
+
+    assert named in run_name(experiment(compose(["dataset=synthetic", "model=logreg", "fl.clients=10", *overrides])))

@@ -246,8 +246,8 @@ def test_compression_report_lists_each_codecs_bytes_and_simulated_hours_beside_n
     base = [*SMALL, f"tracking.uri={uri}", "tracking.experiment=codecs", "+report.table=compression",
             "fl.fraction=0.5", "fl.eval_every=1", "fl.target_accuracy=0.5", "system=uniform"]
     runs = {codec: flexp.run(flexp.compose([*base, *overrides]), tracking=True) for codec, overrides in [
-        ("none", []), ("quantize 8-bit", ["compression=quantize"]),
-        ("topk 10% EF", ["compression=topk", "compression.ratio=0.1"])]}
+        ("none", ["fl.rounds=2"]), ("quantize 8-bit", ["compression=quantize"]),
+        ("topk 10% EF", ["compression=topk", "compression.ratio=0.1"]), ("none", [])]}  # none again: the latest kept
 
     assert main(["codecs", "--tracking-uri", uri, "--out", str(tmp_path), "--name", "r"]) == 0
     table = pd.read_csv(tmp_path / "r" / "compression.csv").set_index("codec")
@@ -265,6 +265,7 @@ def test_compression_report_lists_each_codecs_bytes_and_simulated_hours_beside_n
     assert table.loc["quantize 8-bit", "up_reduction"] > 3.9 and table.loc["none", "delta_points"] == 0
     text = (tmp_path / "r" / "table.md").read_text()
     assert text.index("| partition | devices | codec |") < text.index("All runs")
+    assert "1 earlier run(s) of a codec run again on the same partition and devices left out" in text
     for name in ("accuracy_vs_hours.png", "accuracy_vs_mb_up.png"):
         assert (tmp_path / "r" / name).stat().st_size > 0
 

@@ -117,7 +117,9 @@ def test_a_rounds_simulated_time_and_bytes_are_the_hand_computation(tmp_path):
     assert last.sim_hours == pytest.approx(2 * max(times) / 3600, rel=1e-12)
     assert (first.bytes_down, first.bytes_up) == (3 * 4 * params, 3 * (math.ceil(params / 8) + 4))
     assert (first.clients, first.late, first.surplus) == (3, 0, 0)
-    assert result.summary()["total_sim_hours"] == last.sim_hours
+    summary = result.summary()
+    assert summary["total_sim_hours"] == last.sim_hours
+    assert summary["total_mb_up"] == 2 * first.bytes_up / 1e6 and summary["total_mb_down"] == 2 * first.bytes_down / 1e6
 
 
 def test_a_deadline_leaves_out_the_late_client_and_the_round_lasts_until_the_deadline(tmp_path):
@@ -143,3 +145,18 @@ def test_the_clock_leaves_the_weights_as_they_are_when_no_client_is_left_out(tmp
     timed, untimed = _run(tmp_path)[0], _run(tmp_path, timed=False)[0]
     assert torch.equal(timed.params, untimed.params)
     assert untimed.history[0].sim_seconds is None and "sim_seconds" not in untimed.history[0].metrics()
+
+
+def test_the_deadline_check_counts_the_upload_when_its_size_is_known():
+    system = System(_plan(), samples_per_second=100, up_mbps=1, down_mbps=1, deadline=2.5)
+    system.check_deadline(125_000, [100, 200, 300])  # 1 s down + 1 s training: in time
+    with pytest.raises(ConfigError, match="system.deadline=2.5: no client can meet it: the fastest needs 3 s to "
+                                          "download the model, train and upload its update"):
+        system.check_deadline(125_000, [100, 200, 300], upload_bytes=125_000)
+
+
+def test_a_round_in_which_every_client_is_late_says_so(tmp_path, caplog):
+    times = _run(tmp_path)[3]
+    result = _run(tmp_path, deadline=min(times) / 2)[0]
+    assert result.history[0].late == 3 and result.history[0].clients == 0
+    assert "round 1: every client reported after system.deadline=" in caplog.text

@@ -58,13 +58,16 @@ def total(history: list[tuple[int, float]]) -> float:
 
 
 def compression_table(runs: pd.DataFrame, frame: pd.DataFrame, traffic: Mapping[str, History],
-                      hours: History) -> pd.DataFrame:
-    """One row per run: partition, deployment, codec, final accuracy and its change from no compression in the same
-    partition and deployment, rounds, MB up and down in all, how many times fewer bytes up, and the rounds and
-    simulated hours to the target (interpolated as the paper does) and in all."""
+                      hours: History) -> tuple[pd.DataFrame, int]:
+    """One row per partition, deployment and codec (of one run more than once, the latest finished run): final
+    accuracy and its change from no compression in the same partition and deployment, rounds, MB up and down in
+    all, how many times fewer bytes up, and the rounds and simulated hours to the target (interpolated as the paper
+    does) and in all; plus how many runs it leaves out."""
     keys = ("partition.name", "compression.name", "compression.bits", "compression.ratio",
             "compression.error_feedback", "system.name", "system.over_select")
-    info = pd.DataFrame({"run_id": runs["run_id"], **{k: param(runs, k).values for k in keys}})
+    info = pd.DataFrame({"run_id": runs["run_id"], **{k: param(runs, k).values for k in keys},
+                         "_done": (runs.get("status", pd.Series("", index=runs.index)) == "FINISHED").values,
+                         "_start": list(runs.get("start_time", pd.Series(0, index=runs.index)))})
     rows = []
     for r in frame.merge(info, on="run_id", suffixes=("", "_param")).to_dict("records"):
         run = r["run_id"]
@@ -75,21 +78,24 @@ def compression_table(runs: pd.DataFrame, frame: pd.DataFrame, traffic: Mapping[
                      "mb_down": total(traffic[run].get("bytes_down", [])) / MB,
                      "rounds_to_target": r["rounds_to_target_interp"],
                      "hours_to_target": hours_at(hours.get(run, []), r["rounds_to_target_interp"]),
-                     "sim_hours": hours[run][-1][1] if hours.get(run) else None, "run_id": run})
-    table = pd.DataFrame(rows)
+                     "sim_hours": hours[run][-1][1] if hours.get(run) else None, "run_id": run,
+                     "_done": r["_done"], "_start": r["_start"]})
+    found = pd.DataFrame(rows)
+    table = found.sort_values(["_done", "_start"], kind="stable").drop_duplicates(
+        ["partition", "deployment", "codec"], keep="last").drop(columns=["_done", "_start"])
     reference = table[table["codec"] == "none"].set_index(["partition", "deployment"])
     base = [reference.loc[(p, d)] if (p, d) in reference.index else None
             for p, d in zip(table["partition"], table["deployment"])]
-    table["delta_points"] = [100 * (a - b["final_accuracy"]) if b is not None else None
+    table["delta_points"] = [round(100 * (a - b["final_accuracy"]), 2) if b is not None else None
                              for a, b in zip(table["final_accuracy"], base)]
     table["up_reduction"] = [b["mb_up"] / up if b is not None and up else None for up, b in zip(table["mb_up"], base)]
     table["compressed"] = table["codec"] != "none"
     order = table.sort_values(["partition", "deployment", "compressed"], kind="stable").index
-    return table.loc[order].drop(columns="compressed").reset_index(drop=True)
+    return table.loc[order].drop(columns="compressed").reset_index(drop=True), len(found) - len(table)
 
 
-def compression_markdown(table: pd.DataFrame, target: float | None) -> str:
-    """The codec table as Markdown, its caption saying what each column is."""
+def compression_markdown(table: pd.DataFrame, target: float | None, left_out: int = 0) -> str:
+    """The codec table as Markdown, its caption saying what each column is (and how many runs it leaves out)."""
     goal = f"{100 * target:g}%" if target else "the target"
     head = ("| partition | devices | codec | final acc. | Δ pts | rounds | MB up | × fewer up | MB down | "
             f"rounds to {goal} | sim. hours to {goal} | sim. hours |\n" + "|---" * 12 + "|\n")
@@ -105,7 +111,7 @@ def compression_markdown(table: pd.DataFrame, target: float | None) -> str:
     caption = (f"Codecs at equal rounds: final test accuracy, its change from no compression on the same partition "
                f"and devices (Δ pts), bytes up and down over the run, how many times fewer bytes up than no "
                f"compression, and rounds and simulated hours to {goal} (interpolated between evaluations; – not "
-               f"reached).\n\n")
+               f"reached){left_out_note(left_out)}.\n\n")
     return caption + head + "\n".join(lines) + "\n"
 
 
@@ -136,6 +142,10 @@ def panels_of(table: pd.DataFrame) -> dict[str, list[tuple[str, str]]]:
     for r in table.to_dict("records"):
         out.setdefault(f"{r['partition']}, {r['deployment']} devices", []).append((r["run_id"], r["codec"]))
     return out
+
+
+def left_out_note(count: int) -> str:
+    return f"; {count} earlier run(s) of a codec run again on the same partition and devices left out" if count else ""
 
 
 def plot_panels(panels: Mapping[str, list[tuple[str, str]]], accs: History, x_of: XOf, xlabel: str, path: Path,

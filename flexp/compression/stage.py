@@ -29,8 +29,8 @@ DOWNLOAD = 0xD0  # the broadcast's stream: (seed, round, DOWNLOAD)
 
 def checked_bits(argument: str, value: Any) -> int:
     """A bit width, 1..16."""
-    bits = integer(argument, value, low=1)
-    if bits > 16:
+    bits = integer(argument, value)
+    if not 1 <= bits <= 16:
         raise Invalid(argument, value, "must be from 1 to 16")
     return bits
 
@@ -70,7 +70,9 @@ class Compression(Stage):
         return self.download.decode(message).to(params.device), message.nbytes
 
     def client(self, round_: int, params: Tensor, reply: ClientResult) -> ClientResult:
-        update = (reply.params - params).detach().cpu()
+        """The reply with its update (in the model's dtype, as a device would send it, even after a float64 stage)
+        encoded and decoded; the message's size in `sent_bytes`."""
+        update = (reply.params - params).detach().cpu().to(params.dtype)
         owed = self.residual.get(reply.client)
         if owed is not None:
             update = update + owed
@@ -126,3 +128,13 @@ class SignUpdates(Compression):
 
     def __init__(self, plan: Plan, error_feedback: bool = True, download_bits: int | None = None) -> None:
         super().__init__(Sign(), plan, error_feedback, download_bits)
+
+
+class QuantizeDownload(Compression):
+    """compression=download: only the broadcast is quantized (to `download_bits` bits); updates go up in full."""
+
+    def __init__(self, plan: Plan, download_bits: int = 8) -> None:
+        super().__init__(None, plan, False, checked_bits("download_bits", download_bits))
+
+    def client(self, round_: int, params: Tensor, reply: ClientResult) -> ClientResult:
+        return reply

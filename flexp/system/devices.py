@@ -113,22 +113,24 @@ class System:
         """Clients to sample for `wanted` replies: ceil(wanted (1 + over_select)), at most K."""
         return min(self.plan.clients, math.ceil(round(wanted * (1 + self.over_select), 9)))
 
-    def check_deadline(self, download_bytes: int, samples: Any) -> None:
-        """Refuse (ConfigError) a deadline no client can meet: each client's download and local training alone
-        (`samples[k]`: what client k trains on in a round) take longer."""
+    def check_deadline(self, download_bytes: int, samples: Any, upload_bytes: int = 0) -> None:
+        """Refuse (ConfigError) a deadline no client can meet: each client's download, local training (`samples[k]`:
+        what client k trains on in a round) and upload (0 when a codec decides its size) take longer."""
         from flexp.config import ConfigError
 
         if self.deadline is None:
             return
         p = self.profiles
-        fastest = float(np.min(download_bytes / p.down + np.asarray(samples, dtype=np.float64) / p.speed))
+        fastest = float(np.min(download_bytes / p.down + np.asarray(samples, dtype=np.float64) / p.speed
+                               + upload_bytes / p.up))
         if fastest > self.deadline:
+            what = "download the model, train and upload its update" if upload_bytes else "download the model and train"
             raise ConfigError("system.deadline", self.deadline, f"no client can meet it: the fastest needs "
-                                                                f"{fastest:.3g} s to download the model and train")
+                                                                f"{fastest:.3g} s to {what}")
 
     def run_params(self) -> dict[str, Any]:
-        """Summary figures of the devices, logged with the run's params."""
+        """The medians of the K clients' devices as drawn (or read), logged with the run's params."""
         p = self.profiles
         medians = {"samples_per_second": np.median(p.speed), "up_mbps": np.median(p.up) / MBPS,
                    "down_mbps": np.median(p.down) / MBPS}
-        return {f"system.median_{k}": float(f"{v:.4g}") for k, v in medians.items()}
+        return {f"system.drawn_median_{k}": float(f"{v:.4g}") for k, v in medians.items()}
