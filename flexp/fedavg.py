@@ -314,13 +314,13 @@ def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split,
         tasks = round_tasks(partition, returned, slow, seed, round_, cond.data, algorithm, global_params)
         updates = engine.run_round(weights, tasks, algorithm, **sent) if tasks else []
         updates = [algorithm.receive(round_, global_params, rebased(u, weights, global_params)) for u in updates]
+        good, failed = usable(updates, round_, cond.on_client_error)
         down = {t.client: weights_bytes + message_bytes(t.message) for t in tasks}
-        up = {u.client: algorithm.upload_bytes(u) for u in updates if failure(u) is None}
+        up = {u.client: algorithm.upload_bytes(u) for u in good}
         clock = None if system is None else on_clock(system, tasks, down, up, fl, len(chosen), round_)
         if clock is not None:
             left_out = set(clock.late) | set(clock.surplus)
-            updates = [u for u in updates if u.client not in left_out]
-        good, failed = usable(updates, round_, cond.on_client_error)
+            good = [u for u in good if u.client not in left_out]
         first_error = first_error or (f"round {round_}, {failed[0]}" if failed else "")
         if not good and not algorithm.empty_rounds:
             log.warning("round %d: %s; the global model is unchanged", round_,
@@ -336,7 +336,7 @@ def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split,
             round_seconds=0.0, bytes_up=sum(up[u.client] for u in good), bytes_down=sum(down.values()),
             dropped=len(chosen) - len(returned), stragglers=len(slow),
             malicious=sum(u.malicious for u in good), samples=n_total,
-            failed_clients=len(updates) - len(good), extra=algorithm.round_metrics(round_))
+            failed_clients=len(failed), extra=algorithm.round_metrics(round_))
         if clock is not None:
             hours = (result.history[-1].sim_hours or 0.0) if result.history else 0.0
             record = replace(record, sim_seconds=clock.seconds, sim_hours=hours + clock.seconds / 3600,
