@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from flexp.aggregate import fedavg
 from flexp.client import ClientResult
+from flexp.client_state import ClientStore
 
 Params = dict[str, Tensor]
 TaskLoss = Callable[..., Tensor]  # torch's loss convention: loss(output, target, reduction="mean" | "none")
@@ -167,12 +168,18 @@ def unflatten(flat: Tensor, like: Params) -> Params:
     return {name: part.view(p.shape) for (name, p), part in zip(like.items(), parts)}
 
 
-def client_tensors(state: Mapping[str, Any], key: str, owner: str, num_clients: int) -> dict[int, Tensor]:
-    """A loaded per-client store (`state[key]`: {client id: tensor}, ids 0..num_clients-1); else ValueError."""
+def client_tensors(state: Mapping[str, Any], key: str, owner: str, num_clients: int) -> ClientStore:
+    """A loaded per-client store (`state[key]`: {client id: tensor}, ids 0..num_clients-1) as a ClientStore (the
+    one given, when it is one: its entries stay where they are); else ValueError."""
     store = state.get(key, {})
     if not isinstance(store, Mapping) or not all(type(k) is int and 0 <= k < num_clients for k in store):
         raise ValueError(f"{owner} state {key} must map client ids 0..{num_clients - 1} to tensors")
-    return tensors(store, f"{owner} {key}", list(store))
+    if isinstance(store, ClientStore):
+        return store
+    out = ClientStore()
+    out.update(tensors(store, f"{owner} {key}", list(store)))
+    out.changed.clear()
+    return out
 
 
 def tensors(state: Mapping[str, Any], owner: str, keys: Sequence[str]) -> dict[str, Tensor]:
@@ -194,7 +201,7 @@ def held_tensors(algorithm: Algorithm, depth: int = 4) -> dict[str, Tensor]:
     def visit(value: Any, path: str, left: int) -> None:
         if isinstance(value, Tensor):
             found[path] = value
-        elif left <= 0:
+        elif left <= 0 or isinstance(value, ClientStore):  # a store is checkpointed whole, by construction
             return
         elif isinstance(value, Algorithm):
             for name, item in vars(value).items():
@@ -240,6 +247,8 @@ def held_tensors_of(state: Any) -> list[Tensor]:
     """The tensors in a state_dict (in nested dicts, lists and tuples)."""
     if isinstance(state, Tensor):
         return [state]
+    if isinstance(state, ClientStore):
+        return []
     if isinstance(state, Mapping):
         return [t for v in state.values() for t in held_tensors_of(v)]
     if isinstance(state, (list, tuple)):

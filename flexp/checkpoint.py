@@ -2,6 +2,12 @@
 
 On disk a checkpoint is tensors and plain data only (dicts, lists, str, int, float, bool, None), read back with
 torch.load(weights_only=True): a file from someone else may be refused, but nothing in it runs.
+
+Per-client state (flexp.client_state.ClientStore) is written beside it, under client_state/<where it sits>/: each
+checkpoint adds one file of the clients that changed since the previous one, and the store is written whole again
+once those files outgrow COMPACT times its size, so a round writes about what its clients changed, not K models.
+checkpoint.pt names the files to replay; files are never rewritten, so a crash at any point leaves a checkpoint
+whose files are all there.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any
 import torch
 
 from flexp.algorithm import Algorithm, snapshot, unsaved_attributes
+from flexp.client_state import ClientStore, stores_of
 from flexp.config import parse_config
 from flexp.fedavg import RoundRecord, ServerState
 from flexp.stage import build_stages, with_stages
@@ -26,6 +33,9 @@ from flexp.strategy import make_strategy, tensors
 
 log = logging.getLogger("flexp")
 FILE = "checkpoint.pt"
+STATE_DIR = "client_state"
+STORE_KEY = "flexp_client_store"  # a ClientStore's place in a saved state_dict: {STORE_KEY: [its files, in order]}
+COMPACT = 4
 FORMAT = "flexp-checkpoint"
 VERSION = 2
 SCALARS = (str, int, float, bool, type(None))
@@ -69,11 +79,13 @@ def is_plain(value: Any) -> bool:
     return type(value) in SCALARS or isinstance(value, torch.Tensor)
 
 
-def to_payload(checkpoint: Checkpoint) -> dict[str, Any]:
-    """The checkpoint as one dict of tensors and plain data, tagged with the format and its version."""
+def to_payload(checkpoint: Checkpoint, strategy: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The checkpoint as one dict of tensors and plain data, tagged with the format and its version (`strategy`: the
+    algorithm's state with its stores written out, by save)."""
     state = checkpoint.state
+    strategy = state.strategy.state_dict() if strategy is None else strategy
     payload = {"format": FORMAT, "version": VERSION, "round": state.round, "params": state.params,
-               "strategy": state.strategy.state_dict(), "history": [asdict(r) for r in state.history],
+               "strategy": strategy, "history": [asdict(r) for r in state.history],
                "run_id": checkpoint.run_id, "config": dict(checkpoint.config), "rng": dict(checkpoint.rng),
                "model_state": dict(state.model_state)}
     if not is_plain(payload):
@@ -81,8 +93,9 @@ def to_payload(checkpoint: Checkpoint) -> dict[str, Any]:
     return payload
 
 
-def from_payload(payload: Any) -> Checkpoint:
-    """The Checkpoint a loaded payload describes, its strategy rebuilt from its config; CheckpointError if none."""
+def from_payload(payload: Any, directory: Path | None = None) -> Checkpoint:
+    """The Checkpoint a loaded payload describes, its strategy rebuilt from its config (its client stores read from
+    `directory`); CheckpointError if none."""
     if type(payload) is not dict or payload.get("format") != FORMAT:
         raise CheckpointError(f"not a flexp checkpoint (no format={FORMAT!r} entry)")
     if payload.get("version") != VERSION:
@@ -95,7 +108,7 @@ def from_payload(payload: Any) -> Checkpoint:
         config = parse_config(payload["config"])
         strategy = with_stages(make_strategy(config.strategy, config.fl.clients, config.fl.lr, config.seed),
                                build_stages(config))
-        strategy.load_state_dict(payload["strategy"])
+        strategy.load_state_dict(read_stores(payload["strategy"], directory))
         rng = tensors(payload["rng"], "rng", ("torch",))
         saved = payload.get("model_state", {})  # buffers and frozen parameters; absent before they were kept
         model_state = tensors(saved, "model_state", tuple(saved)) if isinstance(saved, dict) else None
@@ -137,21 +150,99 @@ def algorithm_name(algorithm: Algorithm) -> str:
 
 
 def save(directory: Path, checkpoint: Checkpoint) -> Path:
-    """Write directory/checkpoint.pt via a temp file, fsync and rename: a crash leaves the old one or the new one."""
-    payload = to_payload(checkpoint)
+    """Write directory/checkpoint.pt via a temp file, fsync and rename (a crash leaves the old one or the new one),
+    after the client stores' new files; then remove store files no checkpoint names any more."""
     directory.mkdir(parents=True, exist_ok=True)
+    strategy = written_stores(checkpoint.state.strategy.state_dict(), directory, checkpoint.state.round)
     path = directory / FILE
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".checkpoint-", suffix=".tmp")
+    atomic_save(to_payload(checkpoint, strategy), path)
+    prune_store_files(directory, strategy)
+    return path
+
+
+def atomic_save(obj: Any, path: Path) -> int:
+    """torch.save to `path` via a temp file, fsync and rename; the bytes written."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+            size = f.tell()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+    return size
+
+
+def written_stores(strategy: dict[str, Any], directory: Path, round_: int) -> dict[str, Any]:
+    """`strategy` (a state_dict) with each ClientStore replaced by {STORE_KEY: its files}, after writing the clients
+    that changed since the last save as one new file (all of the store, once its files outgrow COMPACT times it)."""
+    out = strategy
+    for where, store in stores_of(strategy).items():
+        whole = not store.files or store.file_bytes > COMPACT * store.nbytes()
+        entries = {c: store[c] for c in store} if whole else store.take_changes()
+        if whole:
+            store.take_changes()
+            store.files, store.file_bytes = [], 0
+        if whole or entries:
+            folder = directory / STATE_DIR / where
+            folder.mkdir(parents=True, exist_ok=True)
+            name = f"{'base' if whole else 'delta'}-r{round_}.pt"
+            store.file_bytes += atomic_save(entries, folder / name)
+            store.files.append(f"{STATE_DIR}/{where}/{name}")
+        out = replaced(out, where.split("."), {STORE_KEY: list(store.files)})
+    return out
+
+
+def replaced(state: dict[str, Any], path: list[str], value: Any) -> dict[str, Any]:
+    """A copy of nested dicts `state` with the entry at `path` set to `value` (the rest shared, not copied)."""
+    head, *rest = path
+    return {**state, head: replaced(state[head], rest, value) if rest else value}
+
+
+def read_stores(state: Any, directory: Path | None) -> Any:
+    """A saved state_dict with each {STORE_KEY: files} read back into a ClientStore (its files replayed in order)."""
+    if not isinstance(state, dict):
+        return state
+    if set(state) != {STORE_KEY}:
+        return {k: read_stores(v, directory) for k, v in state.items()}
+    files = state[STORE_KEY]
+    if directory is None or not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise ValueError("a client store's files cannot be found")
+    store = ClientStore()
+    for name in files:
+        try:
+            entries = torch.load(directory / name, weights_only=True)
+        except OSError as err:
+            raise ValueError(f"client state file {name} cannot be read ({err.strerror or err})") from None
+        for client, tensor in entries.items():
+            if tensor is None:
+                store.pop(client, None)
+            else:
+                store[client] = tensor
+        store.file_bytes += (directory / name).stat().st_size
+    store.files = list(files)
+    store.changed.clear()
+    return store
+
+
+def prune_store_files(directory: Path, strategy: dict[str, Any]) -> None:
+    """Remove the files under client_state/ that the checkpoint just written no longer names."""
+    kept = {directory / name for name in store_files(strategy)}
+    for path in (directory / STATE_DIR).rglob("*") if (directory / STATE_DIR).exists() else ():
+        if path.is_file() and path not in kept and path.suffix in (".pt", ".tmp"):
+            path.unlink(missing_ok=True)
+
+
+def store_files(state: Any) -> list[str]:
+    """Every file a saved state_dict's store references name."""
+    if not isinstance(state, dict):
+        return []
+    if set(state) == {STORE_KEY}:
+        return list(state[STORE_KEY])
+    return [f for value in state.values() for f in store_files(value)]
 
 
 def load(directory: Path) -> Checkpoint:
@@ -168,7 +259,7 @@ def load(directory: Path) -> Checkpoint:
             from None
     except Exception as err:
         raise CheckpointError(f"not a flexp checkpoint ({one_line(err)})") from None
-    return from_payload(payload)
+    return from_payload(payload, directory)
 
 
 def refusal(err: pickle.UnpicklingError) -> str:

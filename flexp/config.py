@@ -167,6 +167,7 @@ class CheckpointConfig:
     """How often the server state is written to the job's output directory (0: never)."""
 
     every: int = 1
+    client_state_mb: float | None = None  # RAM for per-client state (SCAFFOLD's c_i, ...) before it spills to disk
 
 
 @dataclass(frozen=True)
@@ -564,7 +565,9 @@ def _data(tree: Mapping[str, Any]) -> DataConfig:
 def _checkpoint(tree: Mapping[str, Any]) -> CheckpointConfig:
     if "checkpoint" not in tree:
         return CheckpointConfig()
-    return CheckpointConfig(every=_Section(tree, "checkpoint").integer("every", low=0, default=1))
+    s = _Section(tree, "checkpoint")
+    return CheckpointConfig(every=s.integer("every", low=0, default=1),
+                            client_state_mb=s.number("client_state_mb", low=0.0, default=None, optional=True))
 
 
 def _resume(tree: Mapping[str, Any]) -> str | None:

@@ -17,7 +17,9 @@ from flexp import partition as partitions
 from flexp.algorithm import Algorithm, tensor_bytes
 from flexp.baseline import run_baseline
 from flexp.callbacks import Callback, RoundData, build_callbacks, run_callbacks
+from flexp.checkpoint import STATE_DIR
 from flexp.client import LocalSpec
+from flexp.client_state import configure_stores
 from flexp.config import ConfigError, ExperimentConfig
 from flexp.data import Dataset, load_dataset
 from flexp.engine import make_engine
@@ -208,9 +210,11 @@ def train(cfg: ExperimentConfig, ready: Prepared, on_record: Callable[[RoundReco
           resume: ServerState | None = None,
           on_state: Callable[[ServerState], None] = lambda s: None,
           stop: Callable[[Sequence[RoundRecord]], str | None] = lambda h: None,
-          on_tags: Callable[[Mapping[str, str]], None] = lambda t: None) -> TrainingResult:
+          on_tags: Callable[[Mapping[str, str]], None] = lambda t: None,
+          output_dir: Path | None = None) -> TrainingResult:
     """Run FedAvg or the baseline on prepared inputs (FedAvg from `resume` when given, until `stop` says why);
-    the engine and the path its rounds take are logged and given to `on_tags`."""
+    the engine and the path its rounds take are logged and given to `on_tags`; per-client state spills under
+    `output_dir` (a temporary directory without one) past checkpoint.client_state_mb."""
     if cfg.mode == "baseline":
         return run_baseline(ready.model, ready.data.train, ready.data.test, cfg.baseline, cfg.seed,
                             cfg.fl.target_accuracy, on_record)
@@ -224,6 +228,9 @@ def train(cfg: ExperimentConfig, ready: Prepared, on_record: Callable[[RoundReco
         if resume is not None:  # the checkpoint holds the state; the attacker wrapping it comes from the config
             algorithm.load_state_dict(resume.strategy.state_dict())
             resume = replace(resume, strategy=algorithm)
+        budget = cfg.checkpoint.client_state_mb
+        configure_stores(algorithm, None if budget is None else int(budget * 2**20),
+                         None if output_dir is None else output_dir / STATE_DIR / "spill")
         conditions = Conditions(cfg.clients, cfg.data, cfg.engine.on_client_error, ready.system)
         check_path = watch_path(cfg.engine.name, engine, algorithm,
                                 lambda name, path: on_tags({ENGINE_TAG: name, PATH_TAG: path}))
@@ -330,7 +337,7 @@ def execute(cfg: ExperimentConfig, tracker: Tracker, tags: Mapping[str, str], co
             progress.update(record)
 
         state = resume.state if resume else None
-        result = train(cfg, ready, on_record, state, on_state, stop, tracker.set_tags)
+        result = train(cfg, ready, on_record, state, on_state, stop, tracker.set_tags, output_dir)
         progress.close()
         if result.stopped is not None:
             tracker.set_tags({STOPPED_TAG: result.stopped})

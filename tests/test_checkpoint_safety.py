@@ -133,7 +133,10 @@ def test_a_checkpoint_with_a_wrong_entry_is_refused_in_one_line(tmp_path, change
 def test_a_checkpoint_holds_only_tensors_and_plain_data(tmp_path):
     payload = _real_payload(tmp_path)
     assert checkpoint.is_plain(payload) and payload["version"] == checkpoint.VERSION
-    assert set(payload["strategy"]) == {"c", "c_i"} and all(type(k) is int for k in payload["strategy"]["c_i"])
+    assert set(payload["strategy"]) == {"c", "c_i"} and set(payload["strategy"]["c_i"]) == {checkpoint.STORE_KEY}
+    for name in payload["strategy"]["c_i"][checkpoint.STORE_KEY]:  # the clients' c_i, beside it, weights-only too
+        entries = torch.load(tmp_path / name, weights_only=True)
+        assert entries and all(type(k) is int and isinstance(v, torch.Tensor) for k, v in entries.items())
     assert not checkpoint.is_plain({"x": Payload(tmp_path / "m")}) and not checkpoint.is_plain({"x": 1j})
 
 

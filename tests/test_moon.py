@@ -15,6 +15,7 @@ from rounding import assert_same_sgd, chained_reductions, longest_sum, most_step
 import flexp
 from flexp.algorithm import Batch
 from flexp.client import LocalSpec
+from flexp.client_state import plain
 from flexp.config import DatasetConfig, FLConfig
 from flexp.data import load_dataset
 from flexp.engine.threads import ThreadEngine
@@ -146,7 +147,7 @@ def test_moon_resumes_from_its_saved_state_bit_for_bit():
     first = MOON(8)
     part, _ = run(VectorizedEngine, first, rounds=1)
     buffer = io.BytesIO()
-    torch.save(first.state_dict(), buffer)
+    torch.save(plain(first.state_dict()), buffer)
     buffer.seek(0)
     restored = MOON(8)
     restored.load_state_dict(torch.load(buffer, weights_only=True))

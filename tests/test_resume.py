@@ -16,12 +16,14 @@ from flexp import checkpoint
 ROUNDS = 12
 ARGS = [*SMALL, "model=2nn", "model.hidden=16", f"fl.rounds={ROUNDS}", "fl.lr=0.05", "tracking.log_model=false"]
 STRATEGY = {  # DP-FedAdam with adaptive clipping (its clip and accountant are state); SCAFFOLD with local DP-SGD,
-    # top-k with error feedback (the residuals are state) on heavy-tailed devices (the clock is the history's)
+    # top-k with error feedback (the residuals are state) on heavy-tailed devices (the clock is the history's), its
+    # per-client state spilled to disk and checkpointed incrementally
     "dp-fedadam": ["strategy=fedadam", "strategy.server_lr=0.05", "fl.fraction=0.5", "privacy=dp_fedavg",
                    "privacy.noise_multiplier=0.5", "privacy.adaptive=true", "privacy.clip_count_stddev=2"],
     "scaffold dp-sgd topk system": ["strategy=scaffold", "privacy=dp_sgd", "privacy.noise_multiplier=0.5",
                                     "fl.fraction=0.3", "compression=topk", "compression.ratio=0.1",
-                                    "system=heavy_tailed", "system.over_select=0.4"]}
+                                    "system=heavy_tailed", "system.over_select=0.4",
+                                    "checkpoint.client_state_mb=0.002"]}  # c_i and residuals spill to disk
 
 
 def _checkpoint_dirs(cwd):
@@ -83,6 +85,9 @@ def test_sigkill_then_resume_is_bit_identical_with_each_round_logged_once(tmp_pa
         assert all(torch.equal(residuals[0][c], residuals[1][c]) for c in residuals[0])
         assert [r.sim_hours for r in states[0].history] == [r.sim_hours for r in states[1].history]
         assert sum(r.surplus for r in states[0].history) > 0
+        assert list((killed_dir / checkpoint.STATE_DIR / "spill").rglob("*.bin"))  # it did spill
+        c_i = [state.strategy.state_dict()["algorithm"]["c_i"] for state in states]
+        assert c_i[0].keys() == c_i[1].keys() and all(torch.equal(c_i[0][c], c_i[1][c]) for c in c_i[0])
     for key in ("test_accuracy", "train_loss", "round_seconds", "epsilon", *(("sim_hours",) if "system" in strategy
                                                                               else ())):
         assert [m.step for m in client.get_metric_history(saved.run_id, key)] == list(range(1, ROUNDS + 1)), key

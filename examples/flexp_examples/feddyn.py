@@ -20,6 +20,7 @@ from torch import Tensor
 from flexp.aggregate import weighted_average
 from flexp.algorithm import Algorithm, Params, client_tensors, tensors, unflatten
 from flexp.client import ClientResult
+from flexp.client_state import ClientStore
 from flexp.component import number
 
 
@@ -31,7 +32,7 @@ class FedDyn(Algorithm):
     def __init__(self, num_clients: int, alpha: float = 0.01) -> None:
         self.num_clients, self.alpha = num_clients, number("alpha", alpha, low=0.0)
         self.h: Tensor | None = None
-        self.grad: dict[int, Tensor] = {}
+        self.grad = ClientStore()
 
     def message(self, client: int, round_: int, params: Tensor) -> dict[str, Tensor]:
         return {"grad": self.grad.get(client, torch.zeros_like(params))}
@@ -61,7 +62,7 @@ class FedDyn(Algorithm):
 
     def state_dict(self) -> dict[str, Any]:
         """{"h": h (once there is one), "grad": {client id: g_k}}: tensors and plain data only."""
-        return {"grad": dict(self.grad)} | ({} if self.h is None else {"h": self.h})
+        return {"grad": self.grad} | ({} if self.h is None else {"h": self.h})
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.grad = client_tensors(state, "grad", "feddyn", self.num_clients)

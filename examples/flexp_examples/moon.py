@@ -27,6 +27,7 @@ from torch import Tensor
 
 from flexp.algorithm import Algorithm, Batch, Params, client_tensors, tensors, unflatten
 from flexp.client import ClientResult
+from flexp.client_state import ClientStore
 
 
 def contrastive(z: Tensor, z_glob: Tensor, z_prev: Tensor, tau: float) -> Tensor:
@@ -50,7 +51,7 @@ class MOON(Algorithm):
         if mu < 0 or tau <= 0:
             raise ValueError(f"mu={mu!r} must be >= 0 and tau={tau!r} > 0")
         self.num_clients, self.mu, self.tau = num_clients, mu, tau
-        self.previous: dict[int, Tensor] = {}
+        self.previous = ClientStore()
 
     def message(self, client: int, round_: int, params: Tensor) -> dict[str, Tensor]:
         return {"previous": self.previous.get(client, params)}
@@ -80,7 +81,7 @@ class MOON(Algorithm):
 
     def state_dict(self) -> dict[str, Any]:
         """{"previous": {client id: its last returned weights}}: tensors only, for weights_only checkpoints."""
-        return {"previous": dict(self.previous)}
+        return {"previous": self.previous}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         tensors({k: v for k, v in state.items() if k != "previous"}, "moon", ())

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from flexp.algorithm import client_tensors
 from flexp.client import ClientResult
+from flexp.client_state import ClientStore
 from flexp.component import Invalid, integer, number
 from flexp.compression.codecs import Quantizer, RandomMask, Sign, TopK
 from flexp.rng import client_key
@@ -58,7 +59,7 @@ class Compression(Stage):
         self.codec, self.plan, self.error_feedback = codec, plan, error_feedback
         self.download = None if download_bits is None else Quantizer(checked_bits("download_bits", download_bits),
                                                                      block)
-        self.residual: dict[int, Tensor] = {}
+        self.residual = ClientStore()  # per client, once it sent a message; off RAM past checkpoint.client_state_mb
 
     def broadcast(self, round_: int, params: Tensor) -> tuple[Tensor, int] | None:
         """The weights the round's clients start from and the bytes each downloads: quantized with
@@ -83,7 +84,7 @@ class Compression(Stage):
         return replace(reply, params=params + decoded.to(params.device), sent_bytes=message.nbytes)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"residual": dict(self.residual)} if self.error_feedback else {}
+        return {"residual": self.residual} if self.error_feedback else {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if not self.error_feedback:

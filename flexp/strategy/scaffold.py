@@ -15,6 +15,7 @@ import torch
 from flexp.aggregate import weighted_average
 from flexp.algorithm import Algorithm, Params, client_tensors, tensors, unflatten
 from flexp.client import ClientResult
+from flexp.client_state import ClientStore
 from flexp.component import integer, number
 
 
@@ -44,7 +45,7 @@ class Scaffold(Algorithm):
         self.lr = number("lr", lr, low=0.0, strict_low=True)
         self.server_lr = number("server_lr", server_lr, low=0.0, strict_low=True)
         self.c: torch.Tensor | None = None
-        self.c_i: dict[int, torch.Tensor] = {}
+        self.c_i = ClientStore()  # created for a client at its first reply; off RAM past checkpoint.client_state_mb
 
     def correction(self, client: int, global_params: torch.Tensor) -> torch.Tensor:
         """c - c_i for a client about to train, in the parameters' dtype."""
@@ -81,7 +82,7 @@ class Scaffold(Algorithm):
 
     def state_dict(self) -> dict[str, Any]:
         """{"c": c (once there is one), "c_i": {client id: c_i}}."""
-        return {"c_i": dict(self.c_i)} | ({} if self.c is None else {"c": self.c})
+        return {"c_i": self.c_i} | ({} if self.c is None else {"c": self.c})
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.c_i = client_tensors(state, "c_i", "scaffold", self.num_clients)

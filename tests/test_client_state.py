@@ -1,0 +1,91 @@
+"""Per-client state off RAM: a store that spills past its budget, reads back exactly, and checkpoints only what
+changed."""
+
+import torch
+from conftest import SMALL
+
+from flexp import checkpoint
+from flexp.client_state import ClientStore
+
+
+def _tensor(seed, n=1000, dtype=torch.float32):
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def test_a_store_over_its_budget_spills_the_least_recently_used_and_reads_them_back_exactly(tmp_path):
+    store = ClientStore(budget_bytes=2 * 4000, directory=tmp_path)
+    values = {c: _tensor(c, dtype=torch.float64 if c == 3 else torch.float32) for c in range(5)}
+    for client, value in values.items():
+        store[client] = value.clone()
+    assert store.held <= 2 * 8000 and len(store.spilled) >= 3 and len(store) == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{c}.bin" for c in store.spilled)
+    store[0]  # noqa: B018 - reading client 0 makes it the most recently used
+    assert 0 in store.memory
+    for client, value in values.items():
+        assert torch.equal(store[client], value) and store[client].dtype == value.dtype
+    del store[1]
+    assert 1 not in store and len(store) == 4 and not (tmp_path / "1.bin").exists()
+    assert store.nbytes() == 3 * 4000 + 8000
+
+
+def test_changes_are_the_clients_set_or_deleted_since_the_last_take():
+    store = ClientStore()
+    store[4], store[7] = _tensor(4), _tensor(7)
+    assert sorted(store.take_changes()) == [4, 7] and store.take_changes() == {}
+    store[7] = _tensor(8)
+    del store[4]
+    changes = store.take_changes()
+    assert changes[4] is None and torch.equal(changes[7], _tensor(8))
+
+
+def _scaffold(tmp_path, name, *extra):
+    """A short SCAFFOLD run with its checkpoints; (its final weights, its output dir)."""
+    from test_api import Recorder
+
+    from flexp.api import compose, experiment
+    from flexp.job import execute
+
+    cfg = experiment(compose([*SMALL, "model=2nn", "model.hidden=8", "strategy=scaffold", "fl.fraction=0.3",
+                              "fl.rounds=4", *extra]))
+    out = tmp_path / name
+    return execute(cfg, Recorder(), {}, "", output_dir=out).params, out
+
+
+def test_spilled_state_trains_bit_identically_and_checkpoints_only_what_changed(tmp_path):
+    in_ram, _ = _scaffold(tmp_path, "ram")
+    spilled, out = _scaffold(tmp_path, "spill", "checkpoint.client_state_mb=0.001")
+    assert torch.equal(in_ram, spilled)
+    assert list((out / checkpoint.STATE_DIR / "spill").rglob("*.bin"))  # it did spill
+    saved = checkpoint.load(out)
+    c_i = saved.state.strategy.state_dict()["c_i"]
+    assert isinstance(c_i, ClientStore) and len(c_i) >= 3  # every client that took part, nothing else
+    files = sorted(p.name for p in (out / checkpoint.STATE_DIR / "c_i").iterdir())
+    assert files[0].startswith("base-r") and all(f.startswith("delta-r") for f in files[1:])
+    per_client = next(iter(c_i.values())).numel() * 4
+    for name in files[1:]:  # a delta holds the round's 3 clients, not every client so far
+        entries = torch.load(out / checkpoint.STATE_DIR / "c_i" / name, weights_only=True)
+        assert len(entries) == 3 and sum(t.numel() * 4 for t in entries.values()) == 3 * per_client
+
+
+def test_lazily_created_state_equals_eagerly_created_state():
+    from test_api import _execute
+
+    from flexp.strategy.scaffold import Scaffold
+
+    eager = Scaffold(10, 0.1)
+    for client in range(10):
+        eager.c_i[client] = torch.zeros(610)  # the logreg's weights: every client's c_i made up front, at zero
+    lazy = Scaffold(10, 0.1)
+    _execute(["strategy=scaffold"], algorithm=lazy)
+    _execute(["strategy=scaffold"], algorithm=eager)
+    assert lazy.c is not None and torch.equal(lazy.c, eager.c)  # c moves with every reply's c_i
+    assert 0 < len(lazy.c_i) < 10 and all(torch.equal(lazy.c_i[k], eager.c_i[k]) for k in lazy.c_i)
+
+
+def test_a_checkpoint_whose_client_state_file_is_gone_is_refused_in_one_line(tmp_path):
+    import pytest
+
+    _, out = _scaffold(tmp_path, "run")
+    next((out / checkpoint.STATE_DIR / "c_i").glob("base-*.pt")).unlink()
+    with pytest.raises(checkpoint.CheckpointError, match="client state file client_state/c_i/base-r1.pt cannot be"):
+        checkpoint.load(out)
