@@ -214,7 +214,7 @@ def read_stores(state: Any, directory: Path | None) -> Any:
     store = ClientStore()
     for name in files:
         try:
-            entries = torch.load(directory / name, weights_only=True)
+            entries = torch.load(directory / name, weights_only=True, map_location="cpu")
         except OSError as err:
             raise ValueError(f"client state file {name} cannot be read ({err.strerror or err})") from None
         for client, tensor in entries.items():
@@ -246,12 +246,13 @@ def store_files(state: Any) -> list[str]:
 
 
 def load(directory: Path) -> Checkpoint:
-    """Read directory/checkpoint.pt with weights_only=True, so nothing in the file executes; CheckpointError (one
-    line) for a file that holds objects, is not a flexp checkpoint or has another format version."""
+    """Read directory/checkpoint.pt with weights_only=True, so nothing in the file executes, onto the CPU whatever
+    device wrote it (a resumed run moves it to its own: job.on_device); CheckpointError (one line) for a file that
+    holds objects, is not a flexp checkpoint or has another format version."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about foreign pickle protocols; the error says enough
-            payload = torch.load(directory / FILE, weights_only=True)
+            payload = torch.load(directory / FILE, weights_only=True, map_location="cpu")
     except OSError:
         raise
     except pickle.UnpicklingError as err:

@@ -28,7 +28,7 @@ class ClientStore(MutableMapping[int, Tensor]):
     def __init__(self, budget_bytes: int | None = None, directory: Path | None = None) -> None:
         self.budget, self.directory = budget_bytes, directory
         self.memory: OrderedDict[int, Tensor] = OrderedDict()  # least recently used first
-        self.spilled: dict[int, tuple[torch.dtype, tuple[int, ...]]] = {}
+        self.spilled: dict[int, tuple[torch.dtype, tuple[int, ...], torch.device]] = {}
         self.held = 0  # bytes in RAM
         self.changed: set[int] = set()  # clients set since the last take_changes()
         self.owned_dir: Path | None = None  # a temporary directory this store made, removed with it
@@ -79,7 +79,7 @@ class ClientStore(MutableMapping[int, Tensor]):
 
     def nbytes(self) -> int:
         """Bytes of every entry, in RAM or spilled."""
-        return self.held + sum(int(np.prod(shape)) * dtype.itemsize for dtype, shape in self.spilled.values())
+        return self.held + sum(int(np.prod(shape)) * dtype.itemsize for dtype, shape, _ in self.spilled.values())
 
     def take_changes(self) -> dict[int, Tensor | None]:
         """{client: its tensor, or None if deleted} for every client set or deleted since the last call."""
@@ -108,14 +108,14 @@ class ClientStore(MutableMapping[int, Tensor]):
 
     def write(self, client: int, value: Tensor) -> None:
         value.detach().cpu().contiguous().view(torch.uint8).numpy().tofile(self.path(client))
-        self.spilled[client] = (value.dtype, tuple(value.shape))
+        self.spilled[client] = (value.dtype, tuple(value.shape), value.device)
 
     def read(self, client: int) -> Tensor:
-        dtype, shape = self.spilled.pop(client)
+        dtype, shape, device = self.spilled.pop(client)
         path = self.path(client)
         raw = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
         path.unlink()
-        return raw.view(dtype).reshape(shape)
+        return raw.view(dtype).reshape(shape).to(device)
 
     def path(self, client: int) -> Path:
         return self.spill_dir() / f"{client}.bin"
@@ -139,6 +139,22 @@ class ClientStore(MutableMapping[int, Tensor]):
     def __del__(self) -> None:
         if getattr(self, "owned_dir", None) is not None:
             shutil.rmtree(self.owned_dir, ignore_errors=True)
+
+
+def state_to(state: Any, device: torch.device | str) -> Any:
+    """A state_dict with every tensor, stores' entries too, on `device` (a checkpoint read on the CPU, resumed on a
+    GPU)."""
+    if isinstance(state, Tensor):
+        return state.to(device)
+    if isinstance(state, ClientStore):
+        moved = ClientStore(state.budget, state.directory)
+        for client in state:
+            moved[client] = state[client].to(device)
+        moved.files, moved.file_bytes, moved.changed = state.files, state.file_bytes, set(state.changed)
+        return moved
+    if isinstance(state, dict):
+        return {k: state_to(v, device) for k, v in state.items()}
+    return state
 
 
 def plain(state: Any) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -15,7 +16,6 @@ DATASETS = ("mnist", "synthetic")
 MODELS = ("2nn", "cnn", "logreg")
 PARTITIONS = ("iid", "shards", "dirichlet", "natural")
 ENGINES = ("auto", "threads", "vectorized", "ray")
-DEVICES = ("cpu", "cuda")
 ATTACKS = ("none", "sign_flip", "gaussian", "label_flip")
 ARRIVALS = ("none", "linear", "step")
 SAMPLINGS = ("fixed", "poisson")
@@ -459,13 +459,21 @@ def _loss(tree: Mapping[str, Any]) -> CallbackConfig | None:
     return CallbackConfig("loss", target, {k: v for k, v in node.items() if k != "_target_"}, "loss")
 
 
+def _device(s: _Section) -> str:
+    """engine.device: cpu, cuda or cuda:N."""
+    value = s.raw("device", "cpu")
+    if not isinstance(value, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+        raise ConfigError(s.key("device"), value, "must be cpu, cuda or cuda:N (a GPU's index)")
+    return value
+
+
 def _engine(tree: Mapping[str, Any]) -> EngineConfig:
     s = _Section(tree, "engine")
     return EngineConfig(
         name=s.choice("name", ENGINES),
         workers=s.integer("workers", low=1, default=2),
         group_size=s.integer("group_size", low=1, optional=True, default=None),
-        device=s.choice("device", DEVICES, default="cpu"),
+        device=_device(s),
         on_client_error=s.choice("on_client_error", ("drop", "abort"), default="drop"),
         address=s.text("address", default="local"),
         num_cpus=s.number("num_cpus", low=0.0, default=1.0),

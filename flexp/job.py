@@ -19,7 +19,7 @@ from flexp.baseline import run_baseline
 from flexp.callbacks import Callback, RoundData, build_callbacks, run_callbacks
 from flexp.checkpoint import STATE_DIR
 from flexp.client import LocalSpec
-from flexp.client_state import configure_stores
+from flexp.client_state import configure_stores, state_to
 from flexp.config import ConfigError, ExperimentConfig
 from flexp.data import Dataset, load_dataset
 from flexp.engine import make_engine
@@ -88,9 +88,12 @@ def make_partition(cfg: ExperimentConfig, data: Dataset) -> list[torch.Tensor]:
 
 
 def resolve_device(name: str) -> torch.device:
-    """The torch device for engine.device, refusing cuda where there is none."""
-    if name == "cuda" and not torch.cuda.is_available():
+    """The torch device for engine.device, refusing cuda where there is none and cuda:N past the last GPU."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("engine.device", name, "CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError("engine.device", name, f"this machine has {torch.cuda.device_count()} GPU(s)")
     return torch.device(name)
 
 
@@ -226,6 +229,7 @@ def train(cfg: ExperimentConfig, ready: Prepared, on_record: Callable[[RoundReco
     try:
         algorithm = ready.algorithm
         if resume is not None:  # the checkpoint holds the state; the attacker wrapping it comes from the config
+            resume = on_device(resume, ready.device)
             algorithm.load_state_dict(resume.strategy.state_dict())
             resume = replace(resume, strategy=algorithm)
         budget = cfg.checkpoint.client_state_mb
@@ -243,6 +247,17 @@ def train(cfg: ExperimentConfig, ready: Prepared, on_record: Callable[[RoundReco
                           algorithm, conditions, resume, on_state, evaluation, stop)
     finally:
         engine.close()
+
+
+def on_device(state: ServerState, device: torch.device) -> ServerState:
+    """A resumed server state (read onto the CPU) with its weights, buffers and algorithm state on the run's device."""
+    if device.type == "cpu":
+        return state
+    strategy = state.strategy
+    moved = state_to(strategy.state_dict(), device)
+    strategy.load_state_dict(moved)
+    return replace(state, params=state.params.to(device),
+                   model_state={k: v.to(device) for k, v in state.model_state.items()})
 
 
 def checkpointer(cfg: ExperimentConfig, directory: Path | None, run_id: str,

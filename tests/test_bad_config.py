@@ -62,6 +62,8 @@ CASES = [
     (["privacy=dp_fedavg", "model=custom", "model._target_=torch.nn.BatchNorm1d", "model.num_features=60"],
      "privacy='dp_fedavg': the model has buffers"),
     (["privacy=dp_sgd", "privacy.target_epsilon=2"], "privacy.target_epsilon"),
+    (["engine.device=gpu"], "engine.device='gpu': must be cpu, cuda or cuda:N"),
+    (["engine.device=cuda:1"], "engine.device='cuda:1': CUDA is not available"),
     (["compression=quantize", "compression.bits=0"], "compression.bits=0: must be from 1 to 16"),
     (["compression=quantize", "compression.bits=17"], "compression.bits=17: must be from 1 to 16"),
     (["compression=quantize", "compression.rotate=true", "compression.block=1000"], "compression.block=1000"),

@@ -89,3 +89,18 @@ def test_a_checkpoint_whose_client_state_file_is_gone_is_refused_in_one_line(tmp
     next((out / checkpoint.STATE_DIR / "c_i").glob("base-*.pt")).unlink()
     with pytest.raises(checkpoint.CheckpointError, match="client state file client_state/c_i/base-r1.pt cannot be"):
         checkpoint.load(out)
+
+
+def test_a_checkpoint_loads_on_the_cpu_and_a_resume_moves_all_of_it_to_the_runs_device(tmp_path):
+    """Whatever device wrote it, a checkpoint reads onto the CPU; a resumed run on another device gets the weights,
+    the algorithm's tensors and every client's stored state there (the meta device stands in for a GPU here)."""
+    from flexp.job import on_device
+
+    _, out = _scaffold(tmp_path, "run", "checkpoint.client_state_mb=0.001")
+    saved = checkpoint.load(out).state
+    state = saved.strategy.state_dict()
+    assert saved.params.device.type == "cpu" and state["c"].device.type == "cpu"
+    moved = on_device(saved, torch.device("meta"))
+    state = moved.strategy.state_dict()
+    assert moved.params.device.type == "meta" and state["c"].device.type == "meta"
+    assert len(state["c_i"]) >= 3 and all(state["c_i"][k].device.type == "meta" for k in state["c_i"])
