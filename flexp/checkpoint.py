@@ -182,7 +182,7 @@ def written_stores(strategy: dict[str, Any], directory: Path, round_: int) -> di
     out = strategy
     for where, store in stores_of(strategy).items():
         whole = not store.files or store.file_bytes > COMPACT * store.nbytes()
-        entries = {c: store[c] for c in store} if whole else store.take_changes()
+        entries = {c: store.peek(c) for c in store} if whole else store.take_changes()
         if whole:
             store.take_changes()
             store.files, store.file_bytes = [], 0

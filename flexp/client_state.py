@@ -77,13 +77,21 @@ class ClientStore(MutableMapping[int, Tensor]):
     def __len__(self) -> int:
         return len(self.memory) + len(self.spilled)
 
+    def peek(self, client: int) -> Tensor:
+        """A client's tensor without moving it into RAM (a checkpoint's or a copy's read of the whole store)."""
+        if client in self.memory:
+            return self.memory[client]
+        dtype, shape, device = self.spilled[client]
+        raw = torch.from_numpy(np.fromfile(self.path(client), dtype=np.uint8))
+        return raw.view(dtype).reshape(shape).to(device)
+
     def nbytes(self) -> int:
         """Bytes of every entry, in RAM or spilled."""
         return self.held + sum(int(np.prod(shape)) * dtype.itemsize for dtype, shape, _ in self.spilled.values())
 
     def take_changes(self) -> dict[int, Tensor | None]:
         """{client: its tensor, or None if deleted} for every client set or deleted since the last call."""
-        changes = {c: (self[c] if c in self else None) for c in sorted(self.changed)}
+        changes = {c: (self.peek(c) if c in self else None) for c in sorted(self.changed)}
         self.changed.clear()
         return changes
 
@@ -111,11 +119,10 @@ class ClientStore(MutableMapping[int, Tensor]):
         self.spilled[client] = (value.dtype, tuple(value.shape), value.device)
 
     def read(self, client: int) -> Tensor:
-        dtype, shape, device = self.spilled.pop(client)
-        path = self.path(client)
-        raw = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
-        path.unlink()
-        return raw.view(dtype).reshape(shape).to(device)
+        value = self.peek(client)
+        del self.spilled[client]
+        self.path(client).unlink()
+        return value
 
     def path(self, client: int) -> Path:
         return self.spill_dir() / f"{client}.bin"
@@ -129,7 +136,7 @@ class ClientStore(MutableMapping[int, Tensor]):
 
     def __getstate__(self) -> dict[str, Any]:
         """A pickled (or deep-copied) store carries every entry, spilled ones read back, and no files."""
-        return {"budget": self.budget, "entries": {c: self[c] for c in self}}
+        return {"budget": self.budget, "entries": {c: self.peek(c) for c in self}}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["budget"], None)
@@ -149,7 +156,7 @@ def state_to(state: Any, device: torch.device | str) -> Any:
     if isinstance(state, ClientStore):
         moved = ClientStore(state.budget, state.directory)
         for client in state:
-            moved[client] = state[client].to(device)
+            moved[client] = state.peek(client).to(device)
         moved.files, moved.file_bytes, moved.changed = state.files, state.file_bytes, set(state.changed)
         return moved
     if isinstance(state, dict):
@@ -161,7 +168,7 @@ def plain(state: Any) -> Any:
     """A state_dict with each ClientStore as a dict {client: tensor}: what torch.save(weights_only loads) can hold
     (flexp's checkpoints write stores incrementally instead)."""
     if isinstance(state, ClientStore):
-        return {c: state[c] for c in state}
+        return {c: state.peek(c) for c in state}
     if isinstance(state, dict):
         return {k: plain(v) for k, v in state.items()}
     return state

@@ -104,3 +104,24 @@ def test_a_checkpoint_loads_on_the_cpu_and_a_resume_moves_all_of_it_to_the_runs_
     state = moved.strategy.state_dict()
     assert moved.params.device.type == "meta" and state["c"].device.type == "meta"
     assert len(state["c_i"]) >= 3 and all(state["c_i"][k].device.type == "meta" for k in state["c_i"])
+
+
+def test_deltas_replay_to_the_store_and_are_rewritten_whole_once_they_outgrow_it(tmp_path):
+    store = ClientStore()
+    store[0], store[1] = _tensor(0), _tensor(1)
+    names = []
+    for round_ in range(1, 12):
+        store[round_ % 2] = _tensor(100 + round_)  # one client of two changes a round
+        if round_ == 6:
+            del store[1]
+            store[2] = _tensor(2)
+        saved = checkpoint.written_stores({"c_i": store}, tmp_path, round_)
+        checkpoint.prune_store_files(tmp_path, saved)
+        names.append([name.rsplit("/", 1)[1] for name in saved["c_i"][checkpoint.STORE_KEY]])
+        replayed = checkpoint.read_stores(saved, tmp_path)["c_i"]
+        assert replayed.keys() == store.keys() and all(torch.equal(replayed[c], store[c]) for c in store)
+    assert names[0] == ["base-r1.pt"] and names[1] == ["base-r1.pt", "delta-r2.pt"]
+    rewritten = [n[0] for n in names if len(n) == 1]
+    assert len(rewritten) >= 2 and all(len(n) <= 2 + checkpoint.COMPACT * 2 for n in names)
+    on_disk = {p.name for p in (tmp_path / checkpoint.STATE_DIR / "c_i").iterdir()}
+    assert on_disk == set(names[-1])  # what no checkpoint names any more is gone
