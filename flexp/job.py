@@ -58,7 +58,7 @@ class Prepared:
     """Everything a run needs, built and checked before any tracking starts."""
 
     data: Dataset
-    partition: Sequence[torch.Tensor]
+    partition: Sequence[torch.Tensor]  # a partition.Partition in federated runs
     model: nn.Module
     device: torch.device
     callbacks: Sequence[tuple[str, Callback]] = ()
@@ -66,7 +66,7 @@ class Prepared:
     system: System | None = None  # the simulated deployment (conf/system/), None when off
 
 
-def make_partition(cfg: ExperimentConfig, data: Dataset) -> list[torch.Tensor]:
+def make_partition(cfg: ExperimentConfig, data: Dataset) -> partitions.Partition:
     """Split the training set over fl.clients clients as partition.* says."""
     p, k, n = cfg.partition, cfg.fl.clients, len(data.train)
     if k > n:
@@ -150,7 +150,8 @@ def check_deadline(cfg: ExperimentConfig, system: System, parts: Sequence[torch.
 
     weights = flat_parameters(model).detach()
     upload = tensor_bytes([weights]) if cfg.compression is None else 0  # a codec's message size depends on the data
-    system.check_deadline(algorithm.broadcast(1, weights)[1], [cfg.fl.local_epochs * len(p) for p in parts], upload)
+    sizes = parts.sizes() if isinstance(parts, partitions.Partition) else [len(p) for p in parts]
+    system.check_deadline(algorithm.broadcast(1, weights)[1], [cfg.fl.local_epochs * int(n) for n in sizes], upload)
 
 
 def run_name(cfg: ExperimentConfig) -> str:

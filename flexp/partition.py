@@ -1,15 +1,86 @@
-"""Client partitions of a training set: pure, seeded functions returning one index tensor per client."""
+"""Client partitions of a training set: pure, seeded functions returning each client's sorted sample indices."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
-Partition = list[torch.Tensor]
+
+class Partition(Sequence[torch.Tensor]):
+    """K clients' indices as one array cut by offsets (CSR), so a million clients cost two arrays, not K tensors.
+
+    `part[k]` is client k's indices as a view into `indices`; `len(part)` is K; it equals the list of those tensors.
+    """
+
+    def __init__(self, indices: torch.Tensor, offsets: np.ndarray) -> None:
+        self.indices = indices
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+
+    @classmethod
+    def from_owners(cls, owner: np.ndarray, clients: int) -> Partition:
+        """Sample i goes to client owner[i]; each client's indices come out ascending."""
+        order = np.argsort(owner, kind="stable")
+        offsets = np.concatenate([[0], np.cumsum(np.bincount(owner, minlength=clients))])
+        return cls(torch.from_numpy(order.astype(np.int64)), offsets)
+
+    @classmethod
+    def from_list(cls, parts: Sequence[torch.Tensor]) -> Partition:
+        """The same clients from a list of index tensors (kept in their order)."""
+        sizes = np.array([len(p) for p in parts], dtype=np.int64)
+        flat = torch.cat([torch.as_tensor(p, dtype=torch.int64) for p in parts]) if parts else torch.empty(0,
+                                                                                                          dtype=torch.int64)
+        return cls(flat, np.concatenate([[0], np.cumsum(sizes)]))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, k):  # type: ignore[override]
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        k = int(k)
+        if k < 0:
+            k += len(self)
+        if not 0 <= k < len(self):
+            raise IndexError(f"client {k} of {len(self)}")
+        return self.indices[int(self.offsets[k]):int(self.offsets[k + 1])]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (self[k] for k in range(len(self)))
+
+    def sizes(self) -> np.ndarray:
+        """n_k of every client, as one array."""
+        return np.diff(self.offsets)
+
+    def owners(self) -> torch.Tensor:
+        """The client of each entry of `indices`."""
+        return torch.repeat_interleave(torch.arange(len(self)), torch.from_numpy(self.sizes()))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or len(other) != len(self):
+            return NotImplemented if not isinstance(other, Sequence) else False
+        return all(torch.equal(a, torch.as_tensor(b)) for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Partition({len(self)} clients, {len(self.indices)} samples)"
 
 
-def _as_tensors(parts: list[np.ndarray]) -> Partition:
-    return [torch.from_numpy(np.sort(p).astype(np.int64)) for p in parts]
+def _by_owner(values: np.ndarray, owner: np.ndarray, clients: int) -> Partition:
+    """Client k gets the `values` whose owner is k, ascending (what sorting each client's list gave)."""
+    order = np.lexsort((values, owner))
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(owner, minlength=clients))])
+    return Partition(torch.from_numpy(values[order].astype(np.int64)), offsets)
+
+
+def _split_owner(n: int, parts: int) -> np.ndarray:
+    """For each of n positions, which of np.array_split's `parts` pieces holds it."""
+    base, extra = divmod(n, parts)
+    sizes = np.full(parts, base, dtype=np.int64)
+    sizes[:extra] += 1
+    return np.repeat(np.arange(parts), sizes)
 
 
 def iid(num_samples: int, clients: int, seed: int) -> Partition:
@@ -17,7 +88,7 @@ def iid(num_samples: int, clients: int, seed: int) -> Partition:
     if clients > num_samples:
         raise ValueError(f"cannot give {clients} clients at least one of {num_samples} samples")
     order = np.random.default_rng(seed).permutation(num_samples)
-    return _as_tensors(np.array_split(order, clients))
+    return _by_owner(order, _split_owner(num_samples, clients), clients)
 
 
 def shards(labels: np.ndarray, clients: int, shards_per_client: int, seed: int,
@@ -29,9 +100,10 @@ def shards(labels: np.ndarray, clients: int, shards_per_client: int, seed: int,
     if num_shards > len(labels):
         raise ValueError(f"{num_shards} shards need at least as many samples, got {len(labels)}")
     by_label = np.argsort(labels, kind="stable")
-    pieces = np.array_split(by_label, num_shards)
     dealt = np.random.default_rng(seed).permutation(num_shards).reshape(clients, -1)
-    return _as_tensors([np.concatenate([pieces[s] for s in row]) for row in dealt])
+    client_of_shard = np.empty(num_shards, dtype=np.int64)
+    client_of_shard[dealt] = np.arange(clients)[:, None]
+    return _by_owner(by_label, client_of_shard[_split_owner(len(labels), num_shards)], clients)
 
 
 def dirichlet(labels: np.ndarray, clients: int, alpha: float, seed: int, min_size: int = 1,
@@ -42,15 +114,15 @@ def dirichlet(labels: np.ndarray, clients: int, alpha: float, seed: int, min_siz
     rng = np.random.default_rng(seed)
     by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
     for _ in range(max_tries):
-        parts: list[list[np.ndarray]] = [[] for _ in range(clients)]
+        values, owners = [], []
         for members in by_class:
             members = rng.permutation(members)
             cuts = (np.cumsum(rng.dirichlet(np.full(clients, alpha))) * len(members)).astype(int)[:-1]
-            for part, piece in zip(parts, np.split(members, cuts)):
-                part.append(piece)
-        joined = [np.concatenate(p) for p in parts]
-        if min(len(p) for p in joined) >= min_size:
-            return _as_tensors(joined)
+            values.append(members)
+            owners.append(np.searchsorted(cuts, np.arange(len(members)), side="right"))
+        owner = np.concatenate(owners)
+        if np.bincount(owner, minlength=clients).min() >= min_size:
+            return _by_owner(np.concatenate(values), owner, clients)
     raise ValueError(f"alpha={alpha} left some client with fewer than {min_size} samples in {max_tries} draws")
 
 
@@ -59,4 +131,4 @@ def natural(groups: np.ndarray, clients: int) -> Partition:
     found = int(groups.max()) + 1 if len(groups) else 0
     if found != clients:
         raise ValueError(f"the dataset has {found} natural clients, not {clients}")
-    return _as_tensors([np.flatnonzero(groups == g) for g in range(found)])
+    return Partition.from_owners(np.asarray(groups, dtype=np.int64), found)

@@ -10,7 +10,7 @@ def _labels(n: int = 1000, classes: int = 10, seed: int = 3) -> np.ndarray:
 
 
 def _check_cover(parts: list[torch.Tensor], n: int) -> None:
-    everything = torch.cat(parts)
+    everything = torch.cat(list(parts))
     assert len(everything) == n
     assert torch.equal(torch.sort(everything).values, torch.arange(n))
 

@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from flexp.callbacks import RoundData, predictions
+from flexp.partition import Partition
 
 
-def client_accuracies(correct: torch.Tensor, partition: list[torch.Tensor]) -> torch.Tensor:
+def client_accuracies(correct: torch.Tensor, partition: Sequence[torch.Tensor]) -> torch.Tensor:
     """Per-client accuracy from one correct/incorrect flag per training sample: a segment mean, no Python per
-    sample. Clients without data are left out."""
-    sizes = torch.tensor([len(p) for p in partition], device=correct.device)
+    sample (nor per client, for a Partition). Clients without data are left out."""
+    if isinstance(partition, Partition):
+        sizes = torch.from_numpy(partition.sizes()).to(correct.device)
+        index = partition.indices.to(correct.device)
+    else:
+        sizes = torch.tensor([len(p) for p in partition], device=correct.device)
+        index = torch.cat([p.to(correct.device) for p in partition])
     owner = torch.repeat_interleave(torch.arange(len(partition), device=correct.device), sizes)
-    index = torch.cat([p.to(correct.device) for p in partition])
     hits = torch.zeros(len(partition), dtype=torch.float64, device=correct.device)
     hits.index_add_(0, owner, correct[index].double())
     keep = sizes > 0
@@ -46,4 +51,4 @@ class FederatedEvaluation:
 
     def __call__(self, round_: int, state: Any, model: nn.Module, data: RoundData) -> Mapping[str, float]:
         correct = predictions(model, data.train.x) == data.train.y
-        return fairness(client_accuracies(correct, list(data.partition)), self.worst)
+        return fairness(client_accuracies(correct, data.partition), self.worst)
