@@ -29,9 +29,8 @@ class Partition(Sequence[torch.Tensor]):
     def from_list(cls, parts: Sequence[torch.Tensor]) -> Partition:
         """The same clients from a list of index tensors (kept in their order)."""
         sizes = np.array([len(p) for p in parts], dtype=np.int64)
-        flat = torch.cat([torch.as_tensor(p, dtype=torch.int64) for p in parts]) if parts else torch.empty(0,
-                                                                                                          dtype=torch.int64)
-        return cls(flat, np.concatenate([[0], np.cumsum(sizes)]))
+        flat = [torch.as_tensor(p, dtype=torch.int64) for p in parts]
+        return cls(torch.cat(flat) if flat else torch.empty(0, dtype=torch.int64), np.cumsum([0, *sizes]))
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -52,10 +51,6 @@ class Partition(Sequence[torch.Tensor]):
     def sizes(self) -> np.ndarray:
         """n_k of every client, as one array."""
         return np.diff(self.offsets)
-
-    def owners(self) -> torch.Tensor:
-        """The client of each entry of `indices`."""
-        return torch.repeat_interleave(torch.arange(len(self)), torch.from_numpy(self.sizes()))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Sequence) or len(other) != len(self):

@@ -68,6 +68,7 @@ def test_the_array_partition_equals_the_list_one_client_by_client(new, old, args
     for got, want in zip(parts, expected):
         assert got.dtype == want.dtype and torch.equal(got, want)
     assert parts == expected and parts.sizes().tolist() == [len(p) for p in expected]
+    assert partition.Partition.from_list(expected) == expected
 
 
 def test_a_client_is_a_view_and_a_task_its_own_copy():
