@@ -35,7 +35,7 @@ class Partition(Sequence[torch.Tensor]):
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def __getitem__(self, k):  # type: ignore[override]
+    def __getitem__(self, k: int | slice) -> torch.Tensor | list[torch.Tensor]:  # type: ignore[override]
         if isinstance(k, slice):
             return [self[i] for i in range(*k.indices(len(self)))]
         k = int(k)
