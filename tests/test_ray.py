@@ -10,7 +10,7 @@ from conftest import SMALL, mlflow_client, run_cli
 from flexp.client import LocalSpec
 from flexp.config import ConfigError, DatasetConfig, FLConfig
 from flexp.data import load_dataset
-from flexp.engine.ray_pool import RayEngine, import_ray, shares
+from flexp.engine.ray_pool import RayEngine, import_ray, pool_size, shares
 from flexp.engine.threads import ThreadEngine
 from flexp.fedavg import run_fedavg, sample_clients
 from flexp.models import build_model
@@ -112,6 +112,25 @@ def test_engine_ray_from_the_command_line_joins_the_cluster(store, cluster):
 def test_cuda_without_a_gpu_share_is_refused_in_one_line(data):
     with pytest.raises(ConfigError, match="engine.num_gpus"):
         RayEngine(_make(data), data.train, LocalSpec(2, 10, 0.05), "local", device="cuda")
+
+
+def test_the_pool_has_one_actor_per_share_of_the_cluster_and_no_more_than_clients():
+    assert pool_size({"CPU": 16.0}, 1.0, 0.0, None) == 16
+    assert pool_size({"CPU": 16.0}, 2.0, 0.0, 10) == 8
+    assert pool_size({"CPU": 16.0}, 1.0, 0.0, 10) == 10
+    assert pool_size({"CPU": 16.0, "GPU": 2.0}, 1.0, 0.25, None) == 8
+    assert pool_size({"CPU": 16.0}, 4.0, 1.0, None) == 1  # no GPU: one actor, which waits (and the job with it)
+
+
+def test_shares_balance_local_work_and_keep_task_order():
+    from flexp.client import ClientTask
+
+    tasks = [ClientTask(c, torch.arange(n), 0, epochs) for c, (n, epochs) in
+             enumerate([(10, None), (40, None), (10, 3), (20, None), (5, None)])]
+    # work 10, 40, 30, 20, 5, the largest first to the least loaded: 40 | 30, 20 | 10, 5 -> 55 | 50
+    assert shares(tasks, 2, 1) == [[0, 1, 4], [2, 3]]
+    assert shares(tasks, 3, 1) == [[1], [2, 4], [0, 3]]  # 40 | 30, 5 | 20, 10
+    assert shares(tasks[:1], 2, 1) == [[0], []]
 
 
 def test_missing_ray_is_a_one_line_hint(monkeypatch):

@@ -99,7 +99,8 @@ class ClientWorker:
 
 
 def pool_size(resources: dict[str, float], num_cpus: float, num_gpus: float, most: int | None) -> int:
-    """Actors the cluster's resources hold at `num_cpus` (and `num_gpus`) each, at most `most`, at least one."""
+    """Actors the cluster's resources hold at `num_cpus` (and `num_gpus`) each, at most `most`, at least one (all of
+    the cluster's, not only what is free now: actors that do not fit yet wait for room, and so do their clients)."""
     slots = math.floor(resources.get("CPU", 0) / num_cpus) if num_cpus > 0 else math.inf
     if num_gpus > 0:
         slots = min(slots, math.floor(resources.get("GPU", 0) / num_gpus))
@@ -135,7 +136,7 @@ class RayEngine:
         self.args = (make_model, train_ref, spec, str(self.device), task_loss)
         self.actors = [self._start() for _ in range(pool_size(resources, num_cpus, num_gpus, most_actors))]
         self.nodes = [a.node.remote() for a in self.actors]  # the id of each actor's node, when it is up
-        ray.get(self.nodes)  # the pool is up before the first round
+        self._gathered(self.nodes)  # the pool is up before the first round
         self.algorithm: Algorithm | None = None  # the one the actors hold
         self.last_path: EnginePath | None = None  # the path the last round took
         self.last_nodes: dict[int, str] = {}  # client -> the Ray node that trained it in the last round
@@ -173,7 +174,8 @@ class RayEngine:
                 self._replace(w)
                 replies = [failed_result(tasks[i], global_params.cpu(), replies) for i in share]
             else:
-                self.last_nodes.update({tasks[i].client: self.ray.get(self.nodes[w]) for i in share})
+                node = self.ray.get(self.nodes[w])
+                self.last_nodes.update({tasks[i].client: node for i in share})
             for i, reply in zip(share, replies):
                 results[i] = on_device(reply, self.device)
         return results  # type: ignore[return-value]
