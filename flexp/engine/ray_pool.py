@@ -29,6 +29,7 @@ from flexp.config import ConfigError
 from flexp.data import Split
 from flexp.engine.path import EnginePath
 from flexp.engine.threads import ThreadEngine
+from flexp.flat import flat_parameters, model_state
 
 
 def import_ray() -> Any:
@@ -78,6 +79,14 @@ class ClientWorker:
         self.engine = ThreadEngine(make_model, Split(split.x.to(self.device), split.y.to(self.device)), spec, 1,
                                    self.device, task_loss)
         self.algorithm = Algorithm()
+        self._warm_up(make_model())
+
+    def _warm_up(self, model: nn.Module) -> None:
+        """Train a client of one sample once, so that the first round pays no lazy initialisation (imports, the
+        first autograd step); it draws from no generator that a round uses."""
+        task = ClientTask(-1, torch.zeros(1, dtype=torch.int64), 0)
+        state = {k: v.to(self.device) for k, v in model_state(model).items()}
+        self.engine.run_round(flat_parameters(model).to(self.device), [task], Algorithm(), state or None)
 
     def node(self) -> str:
         """The id of the Ray node this actor runs on."""
