@@ -94,6 +94,9 @@ class ClientWorker:
 
         return ray.get_runtime_context().get_node_id()
 
+    def echo(self, value: Any) -> Any:
+        return value
+
     def set_algorithm(self, algorithm: Algorithm) -> None:
         self.algorithm = algorithm
 
@@ -145,7 +148,9 @@ class RayEngine:
         self.args = (make_model, train_ref, spec, str(self.device), task_loss)
         self.actors = [self._start() for _ in range(pool_size(resources, num_cpus, num_gpus, most_actors))]
         self.nodes = [a.node.remote() for a in self.actors]  # the id of each actor's node, when it is up
-        self._gathered(self.nodes)  # the pool is up before the first round
+        self._gathered(self.nodes)  # the pool is up before the first round,
+        weights = self.ray.put(flat_parameters(self.local.model).cpu())  # and weights went to each node and back
+        self._gathered([a.echo.remote(weights) for a in self.actors])
         self.algorithm: Algorithm | None = None  # the one the actors hold
         self.last_path: EnginePath | None = None  # the path the last round took
         self.last_nodes: dict[int, str] = {}  # client -> the Ray node that trained it in the last round
