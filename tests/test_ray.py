@@ -110,6 +110,10 @@ def test_engine_ray_from_the_command_line_joins_the_cluster(store, cluster):
 
 
 def test_cuda_without_a_gpu_share_is_refused_in_one_line(data):
+    from flexp.api import compose, experiment
+
+    with pytest.raises(ConfigError, match="engine.num_gpus"):
+        experiment(compose([*SMALL, "engine=ray", "engine.device=cuda"]))
     with pytest.raises(ConfigError, match="engine.num_gpus"):
         RayEngine(_make(data), data.train, LocalSpec(2, 10, 0.05), "local", device="cuda")
 
