@@ -205,6 +205,14 @@ def privacy_label(cfg: ExperimentConfig) -> str:
     return f" {cfg.privacy.name}"
 
 
+def most_clients(cfg: ExperimentConfig, ready: Prepared) -> int | None:
+    """The most clients a round trains (over-selected ones included); None when it varies (Poisson sampling)."""
+    if cfg.fl.sampling != "fixed":
+        return None
+    m = cfg.fl.clients_per_round
+    return ready.system.per_round(m) if ready.system is not None else m
+
+
 def new_model(cfg: ExperimentConfig, data: Dataset) -> nn.Module:
     """A freshly initialised model of the configured kind for `data`."""
     return ModelFactory(cfg.model, data.input_shape, data.num_classes)()
@@ -226,7 +234,8 @@ def train(cfg: ExperimentConfig, ready: Prepared, on_record: Callable[[RoundReco
     make_model = ModelFactory(cfg.model, ready.data.input_shape, ready.data.num_classes)
     task_loss = build_loss(cfg.loss)
     evaluation = Evaluation(task_loss, build_metrics(cfg.metrics))
-    engine = make_engine(cfg.engine, make_model, ready.data.train, spec, ready.device, task_loss)
+    engine = make_engine(cfg.engine, make_model, ready.data.train, spec, ready.device, task_loss,
+                         most_clients(cfg, ready))
     try:
         algorithm = ready.algorithm
         if resume is not None:  # the checkpoint holds the state; the attacker wrapping it comes from the config

@@ -26,16 +26,19 @@ def choose_engine(name: str, model: nn.Module, device: torch.device) -> str:
 
 
 def make_engine(cfg: EngineConfig, make_model: Callable[[], nn.Module], train: Split, spec: LocalSpec,
-                device: torch.device, task_loss: Callable[..., torch.Tensor] = F.cross_entropy):
-    """Build the configured engine (after resolving `auto`: its `name` says which) for the task loss `task_loss`.
+                device: torch.device, task_loss: Callable[..., torch.Tensor] = F.cross_entropy,
+                clients_per_round: int | None = None):
+    """Build the configured engine (after resolving `auto`: its `name` says which) for the task loss `task_loss`;
+    `clients_per_round` caps the Ray engine's pool (more actors than clients would idle).
 
     Every engine says how a round trains its clients: `describe(algorithm)` before a round, `last_path` after one
     (an engine.path.EnginePath)."""
     name = choose_engine(cfg.name, make_model(), device)
     if name == "ray":
-        from flexp.engine.ray_tasks import RayEngine
+        from flexp.engine.ray_pool import RayEngine
 
-        return RayEngine(make_model, train, spec, cfg.address, cfg.num_cpus, cfg.num_gpus, task_loss)
+        return RayEngine(make_model, train, spec, cfg.address, cfg.num_cpus, cfg.num_gpus, task_loss, device,
+                         clients_per_round)
     if name == "vectorized":
         from flexp.engine.vectorized import VectorizedEngine
 
