@@ -11,14 +11,30 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+
+SHIPPING = threading.local()  # .active inside client_side_only()
+SHIPPING.active = False
+
+
+@contextmanager
+def client_side_only() -> Iterator[None]:
+    """Pickle algorithms without their ClientStores' entries within this block (server state stays on the server)."""
+    before = getattr(SHIPPING, "active", False)
+    SHIPPING.active = True
+    try:
+        yield
+    finally:
+        SHIPPING.active = before
 
 
 class ClientStore(MutableMapping[int, Tensor]):
@@ -135,7 +151,10 @@ class ClientStore(MutableMapping[int, Tensor]):
         return self.directory
 
     def __getstate__(self) -> dict[str, Any]:
-        """A pickled (or deep-copied) store carries every entry, spilled ones read back, and no files."""
+        """A pickled (or deep-copied) store carries every entry, spilled ones read back, and no files; none at all
+        inside client_side_only() (an algorithm sent to workers, whose client hooks do not read it)."""
+        if getattr(SHIPPING, "active", False):
+            return {"budget": self.budget, "entries": {}}
         return {"budget": self.budget, "entries": {c: self.peek(c) for c in self}}
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -125,3 +125,18 @@ def test_deltas_replay_to_the_store_and_are_rewritten_whole_once_they_outgrow_it
     assert len(rewritten) >= 2 and all(len(n) <= 2 + checkpoint.COMPACT * 2 for n in names)
     on_disk = {p.name for p in (tmp_path / checkpoint.STATE_DIR / "c_i").iterdir()}
     assert on_disk == set(names[-1])  # what no checkpoint names any more is gone
+
+
+def test_an_algorithm_sent_to_workers_leaves_its_client_stores_behind():
+    import pickle
+
+    from flexp.client_state import client_side_only
+    from flexp.strategy.scaffold import Scaffold
+
+    scaffold = Scaffold(10, 0.1)
+    scaffold.c_i[3] = _tensor(3)
+    with client_side_only():
+        shipped = pickle.loads(pickle.dumps(scaffold))
+    assert len(shipped.c_i) == 0 and shipped.lr == scaffold.lr
+    kept = pickle.loads(pickle.dumps(scaffold))  # a copy otherwise keeps every entry
+    assert torch.equal(kept.c_i[3], scaffold.c_i[3])

@@ -25,6 +25,7 @@ from torch import nn
 from flexp import interrupt
 from flexp.algorithm import Algorithm, TaskLoss
 from flexp.client import ClientResult, ClientTask, LocalSpec, failed_result
+from flexp.client_state import client_side_only
 from flexp.config import ConfigError
 from flexp.data import Split
 from flexp.engine.path import EnginePath
@@ -171,7 +172,8 @@ class RayEngine:
         algorithm = algorithm or Algorithm()
         self.last_path = self.describe(algorithm)
         if algorithm is not self.algorithm:
-            ref = self.ray.put(algorithm)
+            with client_side_only():  # its client stores stay here: client hooks read their message, not them
+                ref = self.ray.put(algorithm)
             for actor in self.actors:
                 actor.set_algorithm.remote(ref)
             self.algorithm = algorithm
