@@ -479,9 +479,6 @@ def _engine(tree: Mapping[str, Any]) -> EngineConfig:
         num_cpus=s.number("num_cpus", low=0.0, default=1.0),
         num_gpus=s.number("num_gpus", low=0.0, default=0.0),
     )
-    if engine.name == "ray" and engine.device == "cuda" and engine.num_gpus == 0:
-        raise ConfigError("engine.num_gpus", 0, "engine=ray with engine.device=cuda needs a GPU share per Ray actor "
-                          "(e.g. engine.num_gpus=0.5)")
     return engine
 
 

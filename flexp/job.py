@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -70,7 +71,9 @@ def make_partition(cfg: ExperimentConfig, data: Dataset) -> partitions.Partition
     """Split the training set over fl.clients clients as partition.* says."""
     p, k, n = cfg.partition, cfg.fl.clients, len(data.train)
     if k > n:
-        raise ConfigError("fl.clients", k, f"is larger than the training set ({n} samples)")
+        hint = " (dataset=synthetic makes dataset.users users: set it to K with partition=natural)" \
+            if cfg.dataset.name == "synthetic" else ""
+        raise ConfigError("fl.clients", k, f"is larger than the training set ({n} samples){hint}")
     labels = data.train.y.numpy()
     try:
         if p.name == "iid":
@@ -257,6 +260,8 @@ def train(cfg: ExperimentConfig, ready: Prepared, on_record: Callable[[RoundReco
                           algorithm, conditions, resume, on_state, evaluation, stop)
     finally:
         engine.close()
+        if output_dir is not None:  # spilled client state is working memory: the checkpoint holds the state
+            shutil.rmtree(output_dir / STATE_DIR / "spill", ignore_errors=True)
 
 
 def on_device(state: ServerState, device: torch.device) -> ServerState:

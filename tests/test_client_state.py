@@ -39,23 +39,24 @@ def test_changes_are_the_clients_set_or_deleted_since_the_last_take():
 
 
 def _scaffold(tmp_path, name, *extra):
-    """A short SCAFFOLD run with its checkpoints; (its final weights, its output dir)."""
+    """A short SCAFFOLD run with its checkpoints; (its final weights, its output dir, its algorithm)."""
     from test_api import Recorder
 
     from flexp.api import compose, experiment
-    from flexp.job import execute
+    from flexp.job import execute, prepare
 
     cfg = experiment(compose([*SMALL, "model=2nn", "model.hidden=8", "strategy=scaffold", "fl.fraction=0.3",
                               "fl.rounds=4", *extra]))
-    out = tmp_path / name
-    return execute(cfg, Recorder(), {}, "", output_dir=out).params, out
+    out, ready = tmp_path / name, prepare(cfg)
+    return execute(cfg, Recorder(), {}, "", output_dir=out, ready=ready).params, out, ready.algorithm
 
 
 def test_spilled_state_trains_bit_identically_and_checkpoints_only_what_changed(tmp_path):
-    in_ram, _ = _scaffold(tmp_path, "ram")
-    spilled, out = _scaffold(tmp_path, "spill", "checkpoint.client_state_mb=0.001")
+    in_ram, _, _ = _scaffold(tmp_path, "ram")
+    spilled, out, scaffold = _scaffold(tmp_path, "spill", "checkpoint.client_state_mb=0.001")
     assert torch.equal(in_ram, spilled)
-    assert list((out / checkpoint.STATE_DIR / "spill").rglob("*.bin"))  # it did spill
+    assert scaffold.c_i.spilled  # it did spill, into files removed when the run ended
+    assert not list((out / checkpoint.STATE_DIR / "spill").rglob("*.bin"))
     saved = checkpoint.load(out)
     c_i = saved.state.strategy.state_dict()["c_i"]
     assert isinstance(c_i, ClientStore) and len(c_i) >= 3  # every client that took part, nothing else
@@ -85,7 +86,7 @@ def test_lazily_created_state_equals_eagerly_created_state():
 def test_a_checkpoint_whose_client_state_file_is_gone_is_refused_in_one_line(tmp_path):
     import pytest
 
-    _, out = _scaffold(tmp_path, "run")
+    _, out, _ = _scaffold(tmp_path, "run")
     next((out / checkpoint.STATE_DIR / "c_i").glob("base-*.pt")).unlink()
     with pytest.raises(checkpoint.CheckpointError, match="client state file client_state/c_i/base-r1.pt cannot be"):
         checkpoint.load(out)
@@ -96,7 +97,7 @@ def test_a_checkpoint_loads_on_the_cpu_and_a_resume_moves_all_of_it_to_the_runs_
     the algorithm's tensors and every client's stored state there (the meta device stands in for a GPU here)."""
     from flexp.job import on_device
 
-    _, out = _scaffold(tmp_path, "run", "checkpoint.client_state_mb=0.001")
+    _, out, _ = _scaffold(tmp_path, "run", "checkpoint.client_state_mb=0.001")
     saved = checkpoint.load(out).state
     state = saved.strategy.state_dict()
     assert saved.params.device.type == "cpu" and state["c"].device.type == "cpu"

@@ -109,13 +109,15 @@ def test_engine_ray_from_the_command_line_joins_the_cluster(store, cluster):
     assert run.data.params["engine.name"] == "ray" and run.info.status == "FINISHED"
 
 
-def test_cuda_without_a_gpu_share_is_refused_in_one_line(data):
-    from flexp.api import compose, experiment
-
-    with pytest.raises(ConfigError, match="engine.num_gpus"):
-        experiment(compose([*SMALL, "engine=ray", "engine.device=cuda"]))
-    with pytest.raises(ConfigError, match="engine.num_gpus"):
+def test_what_the_cluster_cannot_hold_is_refused_in_one_line(data, cluster):
+    """cuda without a GPU share, actors larger than the cluster (they would wait for ever), an address Ray cannot
+    reach or use: one line each."""
+    with pytest.raises(ConfigError, match="engine.num_gpus=0.0: engine=ray with engine.device=cuda needs a GPU"):
         RayEngine(_make(data), data.train, LocalSpec(2, 10, 0.05), "local", device="cuda")
+    with pytest.raises(ConfigError, match="engine.num_cpus=3: the Ray cluster has 2 CPUs"):
+        RayEngine(_make(data), data.train, LocalSpec(2, 10, 0.05), cluster.address, num_cpus=3)
+    with pytest.raises(ConfigError, match="engine.address='ray://nohost:10001': cannot start or join Ray: "):
+        RayEngine(_make(data), data.train, LocalSpec(2, 10, 0.05), "ray://nohost:10001")
 
 
 def test_the_pool_has_one_actor_per_share_of_the_cluster_and_no_more_than_clients():

@@ -66,6 +66,8 @@ def test_sigkill_then_resume_is_bit_identical_with_each_round_logged_once(tmp_pa
     (killed_dir,) = _checkpoint_dirs(killed)
     saved = checkpoint.load(killed_dir)
     assert at_round <= saved.state.round < ROUNDS
+    spill = killed_dir / checkpoint.STATE_DIR / "spill"
+    assert bool(list(spill.rglob("*.bin"))) == ("client_state_mb" in " ".join(args))  # the killed run had spilled
     client = mlflow_client(killed)
     _wait_for_status(client, saved.run_id, "KILLED")
 
@@ -85,7 +87,7 @@ def test_sigkill_then_resume_is_bit_identical_with_each_round_logged_once(tmp_pa
         assert all(torch.equal(residuals[0][c], residuals[1][c]) for c in residuals[0])
         assert [r.sim_hours for r in states[0].history] == [r.sim_hours for r in states[1].history]
         assert sum(r.surplus for r in states[0].history) > 0
-        assert list((killed_dir / checkpoint.STATE_DIR / "spill").rglob("*.bin"))  # it did spill
+        assert not list(spill.rglob("*.bin"))  # working memory, removed once the resumed run ended
         c_i = [state.strategy.state_dict()["algorithm"]["c_i"] for state in states]
         assert c_i[0].keys() == c_i[1].keys() and all(torch.equal(c_i[0][c], c_i[1][c]) for c in c_i[0])
     for key in ("test_accuracy", "train_loss", "round_seconds", "epsilon", *(("sim_hours",) if "system" in strategy

@@ -111,6 +111,14 @@ class ClientWorker:
         return [on_device(r, cpu) for r in self.engine.run_round(params, tasks, self.algorithm, state)]
 
 
+def fits(resources: dict[str, float], num_cpus: float, num_gpus: float) -> None:
+    """Refuse (ConfigError) an actor larger than the whole cluster: it could never start, and the run would wait."""
+    if num_gpus > 0 and resources.get("GPU", 0) < num_gpus:
+        raise ConfigError("engine.num_gpus", num_gpus, f"the Ray cluster has {resources.get('GPU', 0):g} GPUs")
+    if num_cpus > resources.get("CPU", 0):
+        raise ConfigError("engine.num_cpus", num_cpus, f"the Ray cluster has {resources.get('CPU', 0):g} CPUs")
+
+
 def pool_size(resources: dict[str, float], num_cpus: float, num_gpus: float, most: int | None) -> int:
     """Actors the cluster's resources hold at `num_cpus` (and `num_gpus`) each, at most `most`, at least one (all of
     the cluster's, not only what is free now: actors that do not fit yet wait for room, and so do their clients)."""
@@ -134,15 +142,24 @@ class RayEngine:
         ray = import_ray()
         self.ray, self.spec, self.device = ray, spec, torch.device(device)
         if self.device.type == "cuda" and num_gpus <= 0:
-            raise ConfigError("engine.num_gpus", num_gpus, "engine.device=cuda needs a GPU share per Ray actor")
+            raise ConfigError("engine.num_gpus", num_gpus, "engine=ray with engine.device=cuda needs a GPU share per "
+                                                           "Ray actor (e.g. engine.num_gpus=0.5)")
         self.started_here = not ray.is_initialized()
         if self.started_here:
-            ray.init(address=None if address == "local" else address, include_dashboard=False,
-                     log_to_driver=False, configure_logging=False)
+            try:
+                ray.init(address=None if address == "local" else address, include_dashboard=False,
+                         log_to_driver=False, configure_logging=False)
+            except Exception as err:  # noqa: BLE001 - no cluster at the address, ray:// without ray[client], ...
+                first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+                raise ConfigError("engine.address", address, f"cannot start or join Ray: {first.strip()}") from None
             interrupt.reclaim()
         resources = ray.cluster_resources()
-        if num_gpus > 0 and resources.get("GPU", 0) < num_gpus:
-            raise ConfigError("engine.num_gpus", num_gpus, f"the Ray cluster has {resources.get('GPU', 0):g} GPUs")
+        try:
+            fits(resources, num_cpus, num_gpus)
+        except ConfigError:
+            if self.started_here:
+                ray.shutdown()
+            raise
         self.local = ThreadEngine(make_model, train, spec, 1, self.device, task_loss)  # describe's, never trained
         train_ref = ray.put((train.x.cpu().numpy(), train.y.cpu().numpy()))
         self.actor_class = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(ClientWorker)
