@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -154,7 +155,7 @@ def check_deadline(cfg: ExperimentConfig, system: System, parts: Sequence[torch.
     weights = flat_parameters(model).detach()
     upload = tensor_bytes([weights]) if cfg.compression is None else 0  # a codec's message size depends on the data
     sizes = parts.sizes() if isinstance(parts, partitions.Partition) else [len(p) for p in parts]
-    system.check_deadline(algorithm.broadcast(1, weights)[1], [cfg.fl.local_epochs * int(n) for n in sizes], upload)
+    system.check_deadline(algorithm.broadcast(1, weights)[1], cfg.fl.local_epochs * np.asarray(sizes), upload)
 
 
 def run_name(cfg: ExperimentConfig) -> str:
