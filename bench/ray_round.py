@@ -1,11 +1,13 @@
 """One 2NN round (K=100, C=0.1, E=1, B=10, MNIST IID) on each engine: threads, vectorized (the default), the Ray
-pool on a local Ray instance, and the Ray pool on a two-node local cluster (ray.cluster_utils, loopback).
+pool on a local Ray instance (its actors running the thread engine, then the vectorized one: engine.actor_engine),
+and the Ray pool on a two-node local cluster (ray.cluster_utils, loopback) with vectorized actors.
 
     python bench/ray_round.py [--rounds 5] [--repeat 3]        # needs the ray extra: pip install -e ".[ray]"
 
 Median round seconds after one warm-up round; the first round's overhead over that median; Ray's start-up (ray.init,
 or the cluster's nodes and the join) and the pool's start (its actors up) apart. Prints a table and writes JSON
-under outputs/bench/; every engine's final weights are checked against the thread engine's (bit for bit for Ray).
+under outputs/bench/; each Ray pool's final weights are checked bit for bit against the engine its actors run, and
+every engine's are compared with the thread engine's.
 """
 
 from __future__ import annotations
@@ -112,24 +114,27 @@ def main() -> None:
     args = parser.parse_args()
     data = load_mnist_dataset(DatasetConfig(name="mnist", root=Path(args.root).expanduser()), log=lambda s: None)
     pool = partial(RayEngine, address="local", num_cpus=1, most_actors=10)
-    engines = [("threads", lambda m, t, s: ThreadEngine(m, t, s, workers=2), None),
-               ("vectorized (default)", lambda m, t, s: VectorizedEngine(m, t, s, workers=2), None),
-               ("ray pool (local)", pool, local_ray), ("ray pool (2 nodes)", pool, two_nodes)]
-    runs = [measure(name, make, data, args.rounds, up) for _ in range(args.repeat) for name, make, up in engines]
-    rows = [fastest([r for r in runs if r["engine"] == name]) for name, _, _ in engines]
-    threads = rows[0]["params"]
-    for r in rows:
-        params = r.pop("params")
-        r["identical_to_threads"] = torch.equal(params, threads)
-        r["max_abs_diff"] = float((params - threads).abs().max())
+    engines = [("threads", lambda m, t, s: ThreadEngine(m, t, s, workers=2), None, None),
+               ("vectorized (default)", lambda m, t, s: VectorizedEngine(m, t, s, workers=2), None, None),
+               ("ray pool, threads", pool, local_ray, "threads"),
+               ("ray pool, vectorized", partial(pool, actor_engine="vectorized"), local_ray, "vectorized (default)"),
+               ("ray 2 nodes, vectorized", partial(pool, actor_engine="vectorized"), two_nodes,
+                "vectorized (default)")]
+    runs = [measure(name, make, data, args.rounds, up) for _ in range(args.repeat) for name, make, up, _ in engines]
+    rows = [fastest([r for r in runs if r["engine"] == name]) for name, *_ in engines]
+    params = {r["engine"]: r.pop("params") for r in rows}
+    for r, (name, _, _, same_as) in zip(rows, engines):
+        r["max_abs_diff_to_threads"] = float((params[name] - params["threads"]).abs().max())
+        r["identical_to"] = same_as
+        r["identical"] = torch.equal(params[name], params[same_as]) if same_as else None
     default = rows[1]["round_s"]
-    print(f"\n{'engine':<21} {'round s':>8} {'x threads':>9} {'x default':>9} {'1st-round overhead s':>20} "
-          f"{'Ray up s':>8} {'engine up s':>11} {'nodes':>5} {'final acc':>9} {'= threads':>9}")
+    print(f"\n{'engine':<24} {'round s':>8} {'x threads':>9} {'x default':>9} {'1st-round overhead s':>20} "
+          f"{'Ray up s':>8} {'engine up s':>11} {'nodes':>5} {'final acc':>9} {'bit-identical to':>21}")
     for r in rows:
-        print(f"{r['engine']:<21} {r['round_s']:>8.3f} {r['round_s'] / rows[0]['round_s']:>9.2f} "
+        same = f"{r['identical_to'].split()[0]}: {r['identical']}" if r["identical_to"] else "-"
+        print(f"{r['engine']:<24} {r['round_s']:>8.3f} {r['round_s'] / rows[0]['round_s']:>9.2f} "
               f"{r['round_s'] / default:>9.2f} {r['first_overhead_s']:>20.3f} {r['ray_startup_s']:>8.2f} "
-              f"{r['engine_startup_s']:>11.2f} {r['nodes']:>5} {r['final_accuracy']:>9.4f} "
-              f"{str(r['identical_to_threads']):>9}")
+              f"{r['engine_startup_s']:>11.2f} {r['nodes']:>5} {r['final_accuracy']:>9.4f} {same:>21}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"ray-round-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -124,6 +124,7 @@ class EngineConfig:
     address: str = "local"
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    actor_engine: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -478,6 +479,7 @@ def _engine(tree: Mapping[str, Any]) -> EngineConfig:
         address=s.text("address", default="local"),
         num_cpus=s.number("num_cpus", low=0.0, default=1.0),
         num_gpus=s.number("num_gpus", low=0.0, default=0.0),
+        actor_engine=s.choice("actor_engine", ("auto", "threads", "vectorized"), default="auto"),
     )
     return engine
 

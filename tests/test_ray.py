@@ -1,5 +1,6 @@
-"""engine=ray: a pool of resident actors on a two-node local Ray cluster gives the thread engine's weights
-exactly, replaces an actor that dies (its clients counted as failed) and honours engine.device."""
+"""engine=ray: a pool of resident actors on a two-node local Ray cluster gives the weights of the engine its actors
+run (threads, vectorized) exactly, replaces an actor that dies (its clients counted as failed) and honours
+engine.device."""
 
 import sys
 
@@ -7,11 +8,13 @@ import pytest
 import torch
 from conftest import SMALL, mlflow_client, run_cli
 
+from flexp.algorithm import Algorithm
 from flexp.client import LocalSpec
 from flexp.config import ConfigError, DatasetConfig, FLConfig
 from flexp.data import load_dataset
 from flexp.engine.ray_pool import RayEngine, import_ray, pool_size, shares
 from flexp.engine.threads import ThreadEngine
+from flexp.engine.vectorized import VectorizedEngine
 from flexp.fedavg import run_fedavg, sample_clients
 from flexp.models import build_model
 from flexp.partition import natural
@@ -50,16 +53,17 @@ def _run(data, engine, algorithm=None):
                       natural(data.train_groups, 8), data.test, FL, engine, SEED, strategy=algorithm)
 
 
-def _threads(data, algorithm=None):
-    engine = ThreadEngine(_make(data), data.train, LocalSpec(2, 10, 0.05), workers=2)
+def _here(data, engine_class, algorithm=None):
+    engine = engine_class(_make(data), data.train, LocalSpec(2, 10, 0.05), workers=2)
     try:
         return _run(data, engine, algorithm).params
     finally:
         engine.close()
 
 
-def _pool(data, cluster):
-    return RayEngine(_make(data), data.train, LocalSpec(2, 10, 0.05), cluster.address, num_cpus=1)
+def _pool(data, cluster, actor_engine="threads"):
+    return RayEngine(_make(data), data.train, LocalSpec(2, 10, 0.05), cluster.address, num_cpus=1,
+                     actor_engine=actor_engine)
 
 
 def test_a_pool_on_two_nodes_equals_the_thread_engine_bit_for_bit(data, cluster):
@@ -67,7 +71,7 @@ def test_a_pool_on_two_nodes_equals_the_thread_engine_bit_for_bit(data, cluster)
     import user_algorithm
 
     import_ray().cloudpickle.register_pickle_by_value(user_algorithm)  # tests/ is not on the workers' path
-    threads = _threads(data, user_algorithm.LocalMomentum())
+    threads = _here(data, ThreadEngine, user_algorithm.LocalMomentum())
     engine = _pool(data, cluster)
     try:
         result = _run(data, engine, user_algorithm.LocalMomentum())
@@ -77,6 +81,19 @@ def test_a_pool_on_two_nodes_equals_the_thread_engine_bit_for_bit(data, cluster)
     finally:
         engine.close()
     assert torch.equal(result.params, threads)
+
+
+def test_a_pool_of_vectorized_actors_equals_the_vectorized_engine_bit_for_bit(data, cluster):
+    """Each actor runs the batched 2NN kernel on its share: a client's steps do not depend on its group."""
+    here = _here(data, VectorizedEngine)
+    engine = _pool(data, cluster, "vectorized")
+    try:
+        assert str(engine.describe(Algorithm())) == "kernel (2 Ray actors of engine=vectorized; batched MLP kernel)"
+        result = _run(data, engine)
+        assert len(set(engine.last_nodes.values())) == 2
+    finally:
+        engine.close()
+    assert torch.equal(result.params, here)
 
 
 def _task(data, client):
@@ -107,6 +124,7 @@ def test_engine_ray_from_the_command_line_joins_the_cluster(store, cluster):
     client = mlflow_client(store)
     (run,) = client.search_runs([client.get_experiment_by_name("flexp").experiment_id])
     assert run.data.params["engine.name"] == "ray" and run.info.status == "FINISHED"
+    assert "Ray actors of engine=vectorized" in run.data.tags["flexp.engine_path"]  # auto: logreg is an MLP
 
 
 def test_what_the_cluster_cannot_hold_is_refused_in_one_line(data, cluster):
@@ -116,6 +134,8 @@ def test_what_the_cluster_cannot_hold_is_refused_in_one_line(data, cluster):
         RayEngine(_make(data), data.train, LocalSpec(2, 10, 0.05), "local", device="cuda")
     with pytest.raises(ConfigError, match="engine.num_cpus=3: the Ray cluster has 2 CPUs"):
         RayEngine(_make(data), data.train, LocalSpec(2, 10, 0.05), cluster.address, num_cpus=3)
+    with pytest.raises(ConfigError, match="engine.actor_engine='ray': must be one of threads, vectorized"):
+        RayEngine(_make(data), data.train, LocalSpec(2, 10, 0.05), cluster.address, actor_engine="ray")
     with pytest.raises(ConfigError, match="engine.address='ray://nohost:10001': cannot start or join Ray: "):
         RayEngine(_make(data), data.train, LocalSpec(2, 10, 0.05), "ray://nohost:10001")
 

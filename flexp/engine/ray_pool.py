@@ -1,10 +1,12 @@
-"""Client updates on a pool of resident Ray actors: each holds a thread engine, the training split and the
-algorithm's client side for the whole run, on a local Ray instance or across the nodes of a cluster.
+"""Client updates on a pool of resident Ray actors: each holds an engine (threads or vectorized, on one thread), the
+training split and the algorithm's client side for the whole run, on a local Ray instance or across a cluster.
 
 The split is put in Ray's object store once (numpy arrays: shared, not copied, by the actors of a node), the
 algorithm is sent to every actor once per run, and each round costs one put of the global weights and one call
-per actor with its share of the round's tasks. An actor trains its share in task order on one intra-op thread with
-the thread engine's code, and the results are returned in task order, so they equal `engine=threads` bit for bit.
+per actor with its share of the round's tasks. An actor trains its share on one intra-op thread with the code of
+its engine (`engine.actor_engine`), and the results are returned in task order, so they equal that engine's run
+here bit for bit: `engine=threads`, or `engine=vectorized` (a client's batched-kernel steps do not depend on which
+clients share its group).
 The algorithm travels with the state it has when first sent: its client hooks must not read server state (what
 a client needs comes in its ClientTask's message), as on any engine.
 """
@@ -30,6 +32,7 @@ from flexp.config import ConfigError
 from flexp.data import Split
 from flexp.engine.path import EnginePath
 from flexp.engine.threads import ThreadEngine
+from flexp.engine.vectorized import VectorizedEngine
 from flexp.flat import flat_parameters, model_state
 
 
@@ -67,18 +70,30 @@ def shares(tasks: Sequence[ClientTask], workers: int, epochs: int) -> list[list[
     return [sorted(s) for s in out]
 
 
+ACTOR_ENGINES = ("threads", "vectorized")
+
+
+def one_thread_engine(name: str, make_model: Callable[[], nn.Module], train: Split, spec: LocalSpec,
+                      device: torch.device, task_loss: TaskLoss) -> ThreadEngine | VectorizedEngine:
+    """The engine an actor runs (`threads` or `vectorized`), on one worker thread: an actor is one CPU share."""
+    if name == "vectorized":
+        return VectorizedEngine(make_model, train, spec, None, device, 1, task_loss)
+    return ThreadEngine(make_model, train, spec, 1, device, task_loss)
+
+
 class ClientWorker:
-    """A Ray actor: a one-thread ThreadEngine on its own training split and device, for the whole run."""
+    """A Ray actor: a one-thread engine (`engine_name`) on its own training split and device, for the whole run."""
 
     def __init__(self, make_model: Callable[[], nn.Module], train: tuple[np.ndarray, np.ndarray], spec: LocalSpec,
-                 device: str, task_loss: TaskLoss) -> None:
+                 device: str, task_loss: TaskLoss, engine_name: str = "threads") -> None:
         torch.set_num_threads(1)
         with warnings.catch_warnings():  # the object store's arrays are read-only; training only reads them
             warnings.simplefilter("ignore", UserWarning)
             split = Split(torch.from_numpy(train[0]), torch.from_numpy(train[1]))
         self.device = torch.device(device)
-        self.engine = ThreadEngine(make_model, Split(split.x.to(self.device), split.y.to(self.device)), spec, 1,
-                                   self.device, task_loss)
+        self.engine = one_thread_engine(engine_name, make_model, Split(split.x.to(self.device),
+                                                                       split.y.to(self.device)),
+                                        spec, self.device, task_loss)
         self.algorithm = Algorithm()
         self._warm_up(make_model())
 
@@ -132,13 +147,17 @@ def pool_size(resources: dict[str, float], num_cpus: float, num_gpus: float, mos
 
 class RayEngine:
     """Runs the sampled clients on a pool of resident Ray actors (one per `num_cpus`/`num_gpus` share of the
-    cluster, at most `most_actors`), each training its share on `device`; results come back in task order."""
+    cluster, at most `most_actors`), each training its share on `device` with `actor_engine` (threads or
+    vectorized); results come back in task order."""
 
     name = "ray"
 
     def __init__(self, make_model: Callable[[], nn.Module], train: Split, spec: LocalSpec, address: str = "local",
                  num_cpus: float = 1.0, num_gpus: float = 0.0, task_loss: TaskLoss = F.cross_entropy,
-                 device: torch.device | str = "cpu", most_actors: int | None = None) -> None:
+                 device: torch.device | str = "cpu", most_actors: int | None = None,
+                 actor_engine: str = "threads") -> None:
+        if actor_engine not in ACTOR_ENGINES:
+            raise ConfigError("engine.actor_engine", actor_engine, f"must be one of {', '.join(ACTOR_ENGINES)}")
         ray = import_ray()
         self.ray, self.spec, self.device = ray, spec, torch.device(device)
         if self.device.type == "cuda" and num_gpus <= 0:
@@ -160,10 +179,11 @@ class RayEngine:
             if self.started_here:
                 ray.shutdown()
             raise
-        self.local = ThreadEngine(make_model, train, spec, 1, self.device, task_loss)  # describe's, never trained
+        self.actor_engine = actor_engine
+        self.local = one_thread_engine(actor_engine, make_model, train, spec, self.device, task_loss)  # describe's
         train_ref = ray.put((train.x.cpu().numpy(), train.y.cpu().numpy()))
         self.actor_class = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(ClientWorker)
-        self.args = (make_model, train_ref, spec, str(self.device), task_loss)
+        self.args = (make_model, train_ref, spec, str(self.device), task_loss, actor_engine)
         self.actors = [self._start() for _ in range(pool_size(resources, num_cpus, num_gpus, most_actors))]
         self.nodes = [a.node.remote() for a in self.actors]  # the id of each actor's node, when it is up
         self._gathered(self.nodes)  # the pool is up before the first round,
@@ -177,8 +197,11 @@ class RayEngine:
         return self.actor_class.remote(*self.args)
 
     def describe(self, algorithm: Algorithm) -> EnginePath:
-        """The path run_round's actors take for `algorithm`: the thread engine's (hand CNN kernel or autograd)."""
-        return self.local.describe(algorithm)
+        """The path run_round's actors take for `algorithm`: their engine's (kernel, vmap, autograd...), and how
+        many actors take it."""
+        path = self.local.describe(algorithm)
+        pool = f"{len(self.actors)} Ray actors of engine={self.actor_engine}"
+        return EnginePath(path.name, f"{pool}; {path.why}" if path.why else pool)
 
     def run_round(self, global_params: torch.Tensor, tasks: Sequence[ClientTask],
                   algorithm: Algorithm | None = None,
