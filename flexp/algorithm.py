@@ -83,6 +83,7 @@ class Algorithm(RoundHooks):
     random = False  # clients get message["random"], their stream's key (flexp.rng.client_key)
     mean_aggregate = True  # aggregate depends on the replies only through their n_k-weighted mean of weights
     empty_rounds = False  # aggregate is called for a round without usable replies too (a DP mechanism's noise)
+    buffer_size: int | None = None  # set: asynchronous (flexp.asynchronous), a server step every buffer_size replies
 
     def message(self, client: int, round_: int, params: Tensor) -> dict[str, Tensor]:
         """Tensors a sampled client receives besides the global weights (same keys and shapes for every client)."""

@@ -57,6 +57,7 @@ class Attacker(Algorithm):
     def __init__(self, inner: Algorithm, malicious: frozenset[int]) -> None:
         self.inner, self.malicious = inner, malicious
         self.random, self.mean_aggregate, self.empty_rounds = inner.random, inner.mean_aggregate, inner.empty_rounds
+        self.buffer_size = inner.buffer_size
         for name in CLIENT_HOOKS:
             if getattr(type(self), name) is getattr(Algorithm, name):
                 setattr(self, name, getattr(inner, name))

@@ -87,7 +87,7 @@ def to_payload(checkpoint: Checkpoint, strategy: Mapping[str, Any] | None = None
     payload = {"format": FORMAT, "version": VERSION, "round": state.round, "params": state.params,
                "strategy": strategy, "history": [asdict(r) for r in state.history],
                "run_id": checkpoint.run_id, "config": dict(checkpoint.config), "rng": dict(checkpoint.rng),
-               "model_state": dict(state.model_state)}
+               "model_state": dict(state.model_state), "loop": dict(state.loop)}
     if not is_plain(payload):
         raise TypeError("a checkpoint holds only tensors and plain data; the strategy state or config has more")
     return payload
@@ -116,9 +116,12 @@ def from_payload(payload: Any, directory: Path | None = None) -> Checkpoint:
             raise ValueError("model_state is not a dict of tensors")
         if "torch" in rng and rng["torch"].dtype != torch.uint8:
             raise ValueError("rng torch state is not a uint8 tensor")
+        loop = payload.get("loop", {})  # an asynchronous run's clock; absent in rounds and before there was one
+        if type(loop) is not dict:
+            raise ValueError("loop is not a dict")
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"not a checkpoint flexp can continue ({one_line(err)})") from None
-    state = ServerState(payload["round"], payload["params"], strategy, history, model_state)
+    state = ServerState(payload["round"], payload["params"], strategy, history, model_state, loop)
     return Checkpoint(state, payload["run_id"], payload["config"], rng)
 
 

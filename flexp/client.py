@@ -54,6 +54,7 @@ class ClientResult:
     malicious: bool = False  # set by an attacker's Algorithm.receive
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)
     sent_bytes: int | None = None  # the weights' bytes as sent (a codec's message, ...); None: params' own size
+    staleness: int = 0  # server steps since the client downloaded its weights (asynchronous runs; 0 in rounds)
 
 
 def epoch_orders(task: ClientTask, epochs: int) -> torch.Tensor:

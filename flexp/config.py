@@ -128,6 +128,15 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class AsyncConfig:
+    """The asynchronous loop (an algorithm with a buffer, strategy=fedbuff): how many clients train at once (None:
+    fl.clients x fl.fraction) and the oldest update it still takes (server steps; None: any)."""
+
+    concurrency: int | None = None
+    max_staleness: int | None = None
+
+
+@dataclass(frozen=True)
 class ClientsConfig:
     """Systems heterogeneity: sampled clients that never return, and stragglers doing fewer local epochs."""
 
@@ -196,6 +205,7 @@ class ExperimentConfig:
     privacy: Any = None  # flexp.component.Component of a privacy mechanism (conf/privacy/), None when off
     compression: Any = None  # flexp.component.Component of a codec stage (conf/compression/), None when off
     system: Any = None  # flexp.component.Component of the clients' devices and the clock (conf/system/), None: off
+    asynchronous: AsyncConfig = field(default_factory=AsyncConfig)  # the `async` section
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -520,7 +530,7 @@ def _strategy(tree: Mapping[str, Any], fl: FLConfig, seed: int) -> Component:
 SECTIONS = {"fl": FLConfig, "baseline": BaselineConfig, "dataset": DatasetConfig, "partition": PartitionConfig,
             "model": ModelConfig, "engine": EngineConfig, "tracking": TrackingConfig, "strategy": Component,
             "clients": ClientsConfig, "attack": AttackConfig, "data": DataConfig,
-            "checkpoint": CheckpointConfig}
+            "checkpoint": CheckpointConfig, "async": AsyncConfig}
 TOP_LEVEL = ("mode", "seed", "report", "resume", "callbacks", "loss", "metrics", "privacy", "compression", "system",
              *SECTIONS)
 OPEN_SECTIONS = ("dataset", "model", "strategy")  # keys depend on the chosen option (a _target_'s arguments)
@@ -552,6 +562,16 @@ def _clients(tree: Mapping[str, Any]) -> ClientsConfig:
     s = _Section(tree, "clients")
     return ClientsConfig(dropout=s.number("dropout", low=0.0, high=1.0, default=0.0),
                          stragglers=s.number("stragglers", low=0.0, high=1.0, default=0.0))
+
+
+def _async(tree: Mapping[str, Any], fl: FLConfig) -> AsyncConfig:
+    if tree.get("async") is None:
+        return AsyncConfig()
+    s = _Section(tree, "async")
+    concurrency = s.integer("concurrency", low=1, default=None, optional=True)
+    if concurrency is not None and concurrency > fl.clients:
+        raise ConfigError("async.concurrency", concurrency, f"must be at most fl.clients={fl.clients}")
+    return AsyncConfig(concurrency, s.integer("max_staleness", low=0, default=None, optional=True))
 
 
 def _attack(tree: Mapping[str, Any]) -> AttackConfig:
@@ -616,6 +636,7 @@ def parse_config(tree: Mapping[str, Any]) -> ExperimentConfig:
         privacy=_stage(tree, "privacy"),
         compression=_stage(tree, "compression"),
         system=_system(tree),
+        asynchronous=_async(tree, fl),
         raw=named_targets(tree, model, strategy),
     )
 

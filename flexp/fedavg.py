@@ -7,7 +7,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -88,6 +88,7 @@ class TrainingResult:
     target: float | None = None
     state: dict[str, torch.Tensor] = field(default_factory=dict)  # buffers and frozen parameters (flat.model_state)
     stopped: str | None = None  # why the run ended before fl.rounds without reaching the target (run_fedavg's stop)
+    texts: dict[str, str] = field(default_factory=dict)  # files to log beside the run, by name (async: staleness.csv)
 
     def accuracies(self) -> list[tuple[int, float]]:
         return [(r.round, r.test_accuracy) for r in self.history if r.test_accuracy is not None]
@@ -174,13 +175,15 @@ class Evaluation:
 @dataclass
 class ServerState:
     """The server after `round` rounds: global weights, the algorithm with its state, the history, and the
-    model's buffers and frozen parameters (flat.model_state; {} for most models)."""
+    model's buffers and frozen parameters (flat.model_state; {} for most models), and an asynchronous run's clock
+    (flexp.asynchronous.Clock.state(); {} in rounds)."""
 
     round: int
     params: torch.Tensor
     strategy: Algorithm
     history: list[RoundRecord]
     model_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    loop: dict[str, Any] = field(default_factory=dict)
 
 
 class ClientFailure(RuntimeError):

@@ -17,6 +17,7 @@ from torch import nn
 from flexp import checkpoint, interrupt
 from flexp import partition as partitions
 from flexp.algorithm import Algorithm, tensor_bytes
+from flexp.asynchronous import AsyncSettings, run_async
 from flexp.baseline import run_baseline
 from flexp.callbacks import Callback, RoundData, build_callbacks, run_callbacks
 from flexp.checkpoint import STATE_DIR
@@ -66,6 +67,7 @@ class Prepared:
     callbacks: Sequence[tuple[str, Callback]] = ()
     algorithm: Algorithm | None = None  # federated runs: built here, so a bad strategy target leaves no run behind
     system: System | None = None  # the simulated deployment (conf/system/), None when off
+    asynchronous: AsyncSettings | None = None  # an algorithm with a buffer runs asynchronously; None: in rounds
 
 
 def make_partition(cfg: ExperimentConfig, data: Dataset) -> partitions.Partition:
@@ -120,9 +122,43 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
             stage.check(model, algorithm)
         warn_retired_hooks(algorithm)
         algorithm = with_stages(algorithm, stages)
-        if system is not None:
+        asynchronous = async_settings(cfg, algorithm, system)
+        if system is not None and asynchronous is None:
             check_deadline(cfg, system, parts, model, algorithm)
+        return Prepared(data.to(device), parts, model, device, callbacks, algorithm, system, asynchronous)
     return Prepared(data.to(device), parts, model, device, callbacks, algorithm, system)
+
+
+def async_settings(cfg: ExperimentConfig, algorithm: Algorithm, system: System | None) -> AsyncSettings | None:
+    """The asynchronous loop's settings when the algorithm has a buffer (None: it runs in rounds); what that loop
+    does not simulate is refused in one line."""
+    given = cfg.asynchronous
+    if algorithm.buffer_size is None:
+        for key in ("concurrency", "max_staleness"):
+            if (value := getattr(given, key)) is not None:
+                raise ConfigError(f"async.{key}", value, f"needs an asynchronous strategy (strategy=fedbuff); "
+                                                         f"strategy={cfg.strategy.name} runs in rounds")
+        return None
+    name = f"strategy={cfg.strategy.name}"
+    if system is None:
+        raise ConfigError("system", "none", f"{name} runs on the simulated clock: choose the clients' devices, e.g. "
+                                            "system=uniform or system=heavy_tailed")
+    refused = [("privacy", cfg.privacy and cfg.privacy.name, "is not accounted for asynchronous training: its "
+                "clients are not sampled per round"),
+               ("system.deadline", system.deadline, "has no meaning asynchronously: the server steps every "
+                "buffer_size reports"),
+               ("system.over_select", system.over_select or None, "has no meaning asynchronously: a client "
+                "starts whenever one reports"),
+               ("fl.sampling", None if cfg.fl.sampling == "fixed" else cfg.fl.sampling, "is not simulated "
+                "asynchronously: a new client is drawn uniformly whenever one reports"),
+               ("clients.dropout", cfg.clients.dropout or None, "is not simulated asynchronously (slow devices "
+                "are: system.spread)"),
+               ("clients.stragglers", cfg.clients.stragglers or None, "is not simulated asynchronously (slow devices "
+                "are: system.spread)")]
+    for key, value, why in refused:
+        if value is not None:
+            raise ConfigError(key, value, f"{why} ({name})")
+    return AsyncSettings(cfg.asynchronous.concurrency or cfg.fl.clients_per_round, cfg.asynchronous.max_staleness)
 
 
 def warn_retired_hooks(algorithm: Algorithm) -> None:
@@ -211,6 +247,8 @@ def privacy_label(cfg: ExperimentConfig) -> str:
 
 def most_clients(cfg: ExperimentConfig, ready: Prepared) -> int | None:
     """The most clients a round trains (over-selected ones included); None when it varies (Poisson sampling)."""
+    if ready.asynchronous is not None:
+        return ready.asynchronous.concurrency
     if cfg.fl.sampling != "fixed":
         return None
     m = cfg.fl.clients_per_round
@@ -257,6 +295,9 @@ def train(cfg: ExperimentConfig, ready: Prepared, on_record: Callable[[RoundReco
             check_path(record.round)
             on_record(record)
 
+        if ready.asynchronous is not None:
+            return run_async(ready.model, ready.partition, ready.data.test, cfg.fl, engine, cfg.seed,
+                             ready.asynchronous, checked, algorithm, conditions, resume, on_state, evaluation, stop)
         return run_fedavg(ready.model, ready.partition, ready.data.test, cfg.fl, engine, cfg.seed, checked,
                           algorithm, conditions, resume, on_state, evaluation, stop)
     finally:
@@ -376,6 +417,8 @@ def execute(cfg: ExperimentConfig, tracker: Tracker, tags: Mapping[str, str], co
         trained = resume is None or len(result.history) > len(resume.state.history)
         if trained:
             tracker.log_metrics(summary)
+            for name, text in result.texts.items():
+                tracker.log_text(text, name)
         if trained and cfg.tracking.log_model:
             tracker.log_model(load_flat(new_model(cfg, ready.data), result.params.cpu(),
                                         {k: v.cpu() for k, v in result.state.items()}))

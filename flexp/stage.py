@@ -105,7 +105,7 @@ class Staged(Algorithm):
         self.trainer = next((s for s in self.stages.values() if touches_training(s)), None)
         self.random = inner.random or any(s.random for s in self.stages.values())
         self.empty_rounds = inner.empty_rounds or any(s.empty_rounds for s in self.stages.values())
-        self.mean_aggregate = inner.mean_aggregate
+        self.mean_aggregate, self.buffer_size = inner.mean_aggregate, inner.buffer_size
         if self.trainer is not None:  # what the run's log calls the client side (flexp.engine.cnn_kernel)
             self.client_side_name = f"{type(self.trainer).__name__} (around {type(inner).__name__})"
         for name in CLIENT_HOOKS:
