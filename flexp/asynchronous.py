@@ -200,7 +200,7 @@ class AsyncLoop:
             down = weights_bytes + message_bytes(task.message)
             up = algorithm.upload_bytes(reply) if why is None else 0
             samples = (task.epochs or self.fl.local_epochs) * len(task.indices)
-            seconds = system.profiles.seconds(task.client, down, samples, up)
+            seconds = float(system.profiles.seconds(task.client, down, samples, up))
             clock.flying.append(Flight(clock.time + seconds, task.client, version, d, down, up, reply))
             clock.since["bytes_down"] += down
         clock.flying.sort(key=lambda f: (f.finish, f.client))

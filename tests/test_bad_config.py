@@ -78,6 +78,16 @@ CASES = [
     (["system=trace"], "system.path"),
     (["system=trace", "system.path=no_such_trace.csv"], "system.path='no_such_trace.csv': cannot be read"),
     (["fl.sampling=poisson", "fl.fraction=0.3", "system=uniform", "system.over_select=0.3"], "system.over_select"),
+    (["strategy=fedbuff", "system=uniform", "strategy.buffer_size=0"], "strategy.buffer_size=0: must be >= 1"),
+    (["strategy=fedbuff", "system=uniform", "strategy.staleness=cubic"], "strategy.staleness='cubic': must be one"),
+    (["strategy=fedbuff", "system=uniform", "async.concurrency=11"], "async.concurrency=11: must be at most fl.clie"),
+    (["strategy=fedbuff", "system=uniform", "async.max_staleness=-1"], "async.max_staleness=-1: must be >= 0"),
+    (["strategy=fedbuff"], "system='none': strategy=fedbuff runs on the simulated clock"),
+    (["strategy=fedbuff", "system=uniform", "privacy=dp_fedavg"], "privacy='dp_fedavg': is not accounted for"),
+    (["strategy=fedbuff", "system=uniform", "system.deadline=5"], "system.deadline=5.0: has no meaning"),
+    (["strategy=fedbuff", "system=uniform", "clients.dropout=0.1"], "clients.dropout=0.1: is not simulated"),
+    (["async.concurrency=5"], "async.concurrency=5: needs an asynchronous strategy (strategy=fedbuff)"),
+    (["async.buffer=5"], "async.buffer: unknown key"),
 ]
 
 
