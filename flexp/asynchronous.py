@@ -189,7 +189,7 @@ class AsyncLoop:
         d = clock.dispatches + 1
         chosen = draw_clients(len(self.partition), count, {f.client for f in clock.flying}, self.seed, d)
         weights, weights_bytes = algorithm.broadcast(d, params)
-        tasks = round_tasks(self.partition, chosen, {}, self.seed, d, self.cond.data, algorithm, params)
+        tasks = round_tasks(self.partition, chosen, {}, self.seed, d, self.cond.data, algorithm, params, version + 1)
         replies = self.engine.run_round(weights, tasks, algorithm, **sent) if tasks else []
         replies = [algorithm.receive(d, params, rebased(u, weights, params)) for u in replies]
         for task, reply in zip(tasks, replies):

@@ -264,10 +264,13 @@ def average_buffers(state: dict[str, torch.Tensor], replies: Sequence[ClientResu
 
 
 def round_tasks(partition: Sequence[torch.Tensor], returned: Sequence[int], slow: dict[int, int], seed: int,
-                round_: int, data: DataConfig, algorithm: Algorithm, global_params: torch.Tensor) -> list[ClientTask]:
-    """The returning clients' tasks: the data they hold this round, their epochs and the algorithm's messages.
-    Each task's indices are its own copy: a view into a Partition would carry (and pickle) every client's."""
-    fraction = held_fraction(data.arrival, round_, data.arrival_start, data.arrival_full_at, data.arrival_every)
+                round_: int, data: DataConfig, algorithm: Algorithm, global_params: torch.Tensor,
+                data_round: int | None = None) -> list[ClientTask]:
+    """The returning clients' tasks: the data they hold in round `data_round` (default: this round), their epochs
+    and the algorithm's messages. Each task's indices are its own copy: a view into a Partition would carry (and
+    pickle) every client's."""
+    fraction = held_fraction(data.arrival, data_round or round_, data.arrival_start, data.arrival_full_at,
+                             data.arrival_every)
     return [ClientTask(c, held(partition[c], fraction).clone(), client_seed(seed, round_, c), slow.get(c),
                        with_key(algorithm, algorithm.message(c, round_, global_params), seed, round_, c))
             for c in returned]

@@ -5,6 +5,7 @@ import math
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -100,10 +101,13 @@ def test_updates_older_than_max_staleness_are_discarded_and_counted():
     assert result.texts["staleness.csv"] == "staleness,aggregated,discarded\n0,4,0\n1,0,2\n3,0,1\n"
 
 
-def test_buffer_equal_to_concurrency_on_equal_devices_is_synchronous_fedavg_bit_for_bit():
-    """20 clients of 60 samples on one device: m=5 train at once and all report together, every round."""
-    sync = run(compose(SMALL))
-    fedbuff = run(compose([*SMALL, "strategy=fedbuff", "strategy.buffer_size=5", "strategy.staleness=polynomial"]))
+@pytest.mark.parametrize("data", [[], ["data.arrival=linear", "data.arrival_full_at=3"]], ids=["all", "arriving"])
+def test_buffer_equal_to_concurrency_on_equal_devices_is_synchronous_fedavg_bit_for_bit(data):
+    """20 clients of 60 samples on one device: m=5 train at once and all report together, every round (with new
+    data arriving, each holds the same share of it in step t as in round t)."""
+    sync = run(compose([*SMALL, *data]))
+    fedbuff = run(compose([*SMALL, *data, "strategy=fedbuff", "strategy.buffer_size=5",
+                           "strategy.staleness=polynomial"]))
     assert torch.equal(fedbuff.params, sync.params)
     assert [r.bytes_up for r in fedbuff.history] == [r.bytes_up for r in sync.history]
     assert [r.bytes_down for r in fedbuff.history] == [r.bytes_down for r in sync.history]

@@ -124,7 +124,7 @@ def test_engine_ray_from_the_command_line_joins_the_cluster(store, cluster):
     client = mlflow_client(store)
     (run,) = client.search_runs([client.get_experiment_by_name("flexp").experiment_id])
     assert run.data.params["engine.name"] == "ray" and run.info.status == "FINISHED"
-    assert "Ray actors of engine=vectorized" in run.data.tags["flexp.engine_path"]  # auto: logreg is an MLP
+    assert "1 Ray actor of engine=vectorized, resolved from auto" in run.data.tags["flexp.engine_path"]  # an MLP
 
 
 def test_what_the_cluster_cannot_hold_is_refused_in_one_line(data, cluster):
@@ -134,7 +134,7 @@ def test_what_the_cluster_cannot_hold_is_refused_in_one_line(data, cluster):
         RayEngine(_make(data), data.train, LocalSpec(2, 10, 0.05), "local", device="cuda")
     with pytest.raises(ConfigError, match="engine.num_cpus=3: the Ray cluster has 2 CPUs"):
         RayEngine(_make(data), data.train, LocalSpec(2, 10, 0.05), cluster.address, num_cpus=3)
-    with pytest.raises(ConfigError, match="engine.actor_engine='ray': must be one of threads, vectorized"):
+    with pytest.raises(ConfigError, match="engine.actor_engine='ray': must be one of auto, threads, vectorized"):
         RayEngine(_make(data), data.train, LocalSpec(2, 10, 0.05), cluster.address, actor_engine="ray")
     with pytest.raises(ConfigError, match="engine.address='ray://nohost:10001': cannot start or join Ray: "):
         RayEngine(_make(data), data.train, LocalSpec(2, 10, 0.05), "ray://nohost:10001")

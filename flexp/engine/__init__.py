@@ -37,9 +37,8 @@ def make_engine(cfg: EngineConfig, make_model: Callable[[], nn.Module], train: S
     if name == "ray":
         from flexp.engine.ray_pool import RayEngine
 
-        actor_engine = choose_engine(cfg.actor_engine, make_model(), device)
         return RayEngine(make_model, train, spec, cfg.address, cfg.num_cpus, cfg.num_gpus, task_loss, device,
-                         clients_per_round, actor_engine)
+                         clients_per_round, cfg.actor_engine)
     if name == "vectorized":
         from flexp.engine.vectorized import VectorizedEngine
 

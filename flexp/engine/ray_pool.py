@@ -13,6 +13,7 @@ a client needs comes in its ClientTask's message), as on any engine.
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -34,6 +35,8 @@ from flexp.engine.path import EnginePath
 from flexp.engine.threads import ThreadEngine
 from flexp.engine.vectorized import VectorizedEngine
 from flexp.flat import flat_parameters, model_state
+
+log = logging.getLogger("flexp")
 
 
 def import_ray() -> Any:
@@ -70,7 +73,7 @@ def shares(tasks: Sequence[ClientTask], workers: int, epochs: int) -> list[list[
     return [sorted(s) for s in out]
 
 
-ACTOR_ENGINES = ("threads", "vectorized")
+ACTOR_ENGINES = ("auto", "threads", "vectorized")
 
 
 def one_thread_engine(name: str, make_model: Callable[[], nn.Module], train: Split, spec: LocalSpec,
@@ -147,8 +150,8 @@ def pool_size(resources: dict[str, float], num_cpus: float, num_gpus: float, mos
 
 class RayEngine:
     """Runs the sampled clients on a pool of resident Ray actors (one per `num_cpus`/`num_gpus` share of the
-    cluster, at most `most_actors`), each training its share on `device` with `actor_engine` (threads or
-    vectorized); results come back in task order."""
+    cluster, at most `most_actors`), each training its share on `device` with `actor_engine` (threads,
+    vectorized, or auto: as engine=auto picks); results come back in task order."""
 
     name = "ray"
 
@@ -158,6 +161,10 @@ class RayEngine:
                  actor_engine: str = "threads") -> None:
         if actor_engine not in ACTOR_ENGINES:
             raise ConfigError("engine.actor_engine", actor_engine, f"must be one of {', '.join(ACTOR_ENGINES)}")
+        from flexp.engine import choose_engine
+
+        resolved = choose_engine(actor_engine, make_model(), torch.device(device))
+        self.actor_engine = resolved if resolved == actor_engine else f"{resolved}, resolved from {actor_engine}"
         ray = import_ray()
         self.ray, self.spec, self.device = ray, spec, torch.device(device)
         if self.device.type == "cuda" and num_gpus <= 0:
@@ -179,12 +186,14 @@ class RayEngine:
             if self.started_here:
                 ray.shutdown()
             raise
-        self.actor_engine = actor_engine
-        self.local = one_thread_engine(actor_engine, make_model, train, spec, self.device, task_loss)  # describe's
+        self.local = one_thread_engine(resolved, make_model, train, spec, self.device, task_loss)  # describe's
         train_ref = ray.put((train.x.cpu().numpy(), train.y.cpu().numpy()))
         self.actor_class = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(ClientWorker)
-        self.args = (make_model, train_ref, spec, str(self.device), task_loss, actor_engine)
-        self.actors = [self._start() for _ in range(pool_size(resources, num_cpus, num_gpus, most_actors))]
+        self.args = (make_model, train_ref, spec, str(self.device), task_loss, resolved)
+        size = pool_size(resources, num_cpus, num_gpus, most_actors)
+        log.info("starting %d Ray actor%s (engine=%s) on %g CPUs%s", size, "s" * (size != 1), resolved,
+                 resources.get("CPU", 0), f", {resources['GPU']:g} GPUs" if resources.get("GPU") else "")
+        self.actors = [self._start() for _ in range(size)]
         self.nodes = [a.node.remote() for a in self.actors]  # the id of each actor's node, when it is up
         self._gathered(self.nodes)  # the pool is up before the first round,
         weights = self.ray.put(flat_parameters(self.local.model).cpu())  # and weights went to each node and back
@@ -200,7 +209,7 @@ class RayEngine:
         """The path run_round's actors take for `algorithm`: their engine's (kernel, vmap, autograd...), and how
         many actors take it."""
         path = self.local.describe(algorithm)
-        pool = f"{len(self.actors)} Ray actors of engine={self.actor_engine}"
+        pool = f"{len(self.actors)} Ray actor{'s' * (len(self.actors) != 1)} of engine={self.actor_engine}"
         return EnginePath(path.name, f"{pool}; {path.why}" if path.why else pool)
 
     def run_round(self, global_params: torch.Tensor, tasks: Sequence[ClientTask],
