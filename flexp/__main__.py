@@ -20,14 +20,15 @@ from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING  # noqa: E402
 
 from flexp.config import ConfigError, ExperimentConfig, check_key, parse_config  # noqa: E402
-from flexp.searchpath import CONF_DIR, group_options, search_dirs, with_sweeps_on_search_path  # noqa: E402
+from flexp.searchpath import CONF_DIR, SWEEPS_DIR, group_options, search_dirs, with_sweeps_on_search_path  # noqa: E402
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
     from flexp.checkpoint import Checkpoint
 
-GROUPS = (*sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra"), "sweep")  # conf/ groups
+GROUPS = (*sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra"),  # conf/ groups and
+          *sorted(p.name for p in SWEEPS_DIR.iterdir() if p.is_dir()))  # sweeps/ groups (sweep, codec, asynchrony..)
 PRESETS = ("experiment", "sweep")
 OWN_PRIMARY_FLAGS = ("--config-name", "-cn", "--config-path", "-cp")
 MULTIRUN_FLAGS = ("-m", "--multirun")

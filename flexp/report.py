@@ -20,6 +20,7 @@ from flexp.compression import report as codec
 from flexp.metrics import interpolated_rounds_to_target, rounds_to_target
 from flexp.paper import NOT_REACHED, paper_missing, paper_rounds, percent
 from flexp.selection import LR, best_rates, cell_keys, is_lr_grid, rates_table, unreached
+from flexp.system import report as asynchrony
 
 KEYS = ("model.name", "partition.name", "dataset.name", "fl.clients", "fl.fraction", "fl.local_epochs",
         "fl.batch_size", "fl.lr", "fl.rounds", "fl.target_accuracy", "seed", "mode", "privacy.name")
@@ -610,6 +611,11 @@ def report(keys: str | list[str], out_root: Path = Path("outputs/reports"), trac
         if declared(fl_runs, "table") == codec.COMPRESSION else (None, 0)
     if codecs is not None:
         text = f"{codec.compression_markdown(codecs, target, left_out)}\nAll runs:\n\n{text}"
+    updates = histories(list(accs), "clients") if declared(fl_runs, "table") == asynchrony.ASYNCHRONY else None
+    arms, arms_left_out = asynchrony.asynchrony_table(fl_runs, frame, hours, traffic, updates) \
+        if updates is not None else (None, 0)
+    if arms is not None:
+        text = f"{asynchrony.asynchrony_markdown(arms, target, arms_left_out)}\nAll runs:\n\n{text}"
     (out / "table.md").write_text(f"# {name}\n\n{text}")
     frame.to_csv(out / "table.csv", index=False)
     paths = [out / "table.md", out / "table.csv"]
@@ -620,7 +626,8 @@ def report(keys: str | list[str], out_root: Path = Path("outputs/reports"), trac
     if privacy is not None:
         privacy[0].to_csv(out / "privacy.csv", index=False)
         paths += [out / "privacy.csv", *plot_privacy(privacy[0], accs, out, plot_title(frame, False))]
-    paths += time_plots(frame, varying, codecs, accs, traffic, hours, out, target)
+    paths += time_plots(frame, varying, codecs, accs, traffic, hours, out, target) if arms is None \
+        else asynchrony.asynchrony_files(arms, accs, hours, out, plot_title(frame, False), target)
     if parents:
         from mlflow.tracking import MlflowClient
 
