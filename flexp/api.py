@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,7 +67,8 @@ def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None)
 class Result:
     """What a run gives back: the round history, the final model and weights, everything logged per round, and
     the algorithm that trained it (`algorithm`: the strategy object with its state after the last round, e.g.
-    SCAFFOLD's control variates, or a strategy._target_'s own; None for mode=baseline)."""
+    SCAFFOLD's control variates, or a strategy._target_'s own; None for mode=baseline), and the files logged
+    beside the metrics (`texts`, by name: an asynchronous run's staleness.csv)."""
 
     history: list[RoundRecord]
     model: nn.Module
@@ -77,6 +78,7 @@ class Result:
     data: Dataset
     run_id: str | None = None
     algorithm: Algorithm | None = None
+    texts: dict[str, str] = field(default_factory=dict)
 
 
 class InProcessTracker:
@@ -195,7 +197,7 @@ def run(cfg: DictConfig | Mapping[str, Any] | ExperimentConfig, *, tracking: boo
     result = execute(config, tracker, {"flexp.overrides": "(python API)"}, text, ready=ready, rivals=rivals)
     final = load_flat(new_model(config, ready.data).to(ready.device), result.params, result.state)
     return Result(result.history, final, result.params, result.summary(), tracker.metrics, ready.data,
-                  tracker.run_id, ready.algorithm)
+                  tracker.run_id, ready.algorithm, result.texts)
 
 
 __all__ = ["Result", "compose", "run"]
