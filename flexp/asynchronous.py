@@ -13,7 +13,6 @@ of the synchronous loop and the weights are FedAvg's bit for bit.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -33,7 +32,6 @@ from flexp.fedavg import (
     AllClientsFailed,
     ClientFailure,
     Conditions,
-    Diverged,
     Engine,
     Evaluation,
     RoundRecord,
@@ -41,14 +39,14 @@ from flexp.fedavg import (
     TrainingResult,
     aggregated,
     average_buffers,
+    ends_before,
+    evaluated,
     failure,
     message_bytes,
-    reached_target,
     rebased,
     round_tasks,
 )
 from flexp.flat import flat_parameters, load_flat, model_state
-from flexp.metrics import evaluate
 
 log = logging.getLogger("flexp")
 HISTOGRAM = "staleness.csv"  # the run's artifact: how many updates of each staleness were aggregated and discarded
@@ -227,11 +225,7 @@ def run_async(model: nn.Module, partition: Sequence[Any], test: Split, fl: FLCon
     for version in range(state.round, fl.rounds):
         step = version + 1
         interrupt.check()
-        if reached_target(fl, result.history):
-            break
-        if (why := stop(result.history) or algorithm.halt(step)) is not None:
-            log.info("%s", why)
-            result.stopped = why
+        if ends_before(step, result, fl, algorithm, stop):
             break
         start = time.perf_counter()
         sent = {"state": global_state} if global_state else {}
@@ -244,13 +238,7 @@ def run_async(model: nn.Module, partition: Sequence[Any], test: Split, fl: FLCon
         params = new
         clock.starts = {v: p for v, p in clock.starts.items() if any(f.version == v for f in clock.flying)}
         record = step_record(step, replies, buffer, clock, algorithm.round_metrics(step))
-        if step % fl.eval_every == 0 or step == fl.rounds:
-            found: dict[str, float] = {}
-            accuracy, loss = evaluate(load_flat(model, params, global_state), test, loss_fn=scoring.loss,
-                                      metrics=scoring.metrics, found=found)
-            if not math.isfinite(loss):
-                raise Diverged(f"server step {step}: the test loss is {loss}; the run diverged (lower fl.lr?)")
-            record = replace(record, test_accuracy=accuracy, test_loss=loss, test_metrics=found)
+        record = evaluated(record, fl, load_flat(model, params, global_state), test, scoring, "server step")
         record = replace(record, round_seconds=time.perf_counter() - start)
         result.history.append(record)
         result.params, result.state = params, global_state

@@ -305,11 +305,7 @@ def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split,
     first_error = ""
     for round_ in range(state.round + 1, fl.rounds + 1):
         interrupt.check()
-        if reached_target(fl, result.history):
-            break
-        if (why := stop(result.history) or algorithm.halt(round_)) is not None:
-            log.info("%s", why)
-            result.stopped = why
+        if ends_before(round_, result, fl, algorithm, stop):
             break
         start = time.perf_counter()
         system = cond.system
@@ -348,13 +344,7 @@ def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split,
             hours = (result.history[-1].sim_hours or 0.0) if result.history else 0.0
             record = replace(record, sim_seconds=clock.seconds, sim_hours=hours + clock.seconds / 3600,
                              late=len(clock.late), surplus=len(clock.surplus))
-        if round_ % fl.eval_every == 0 or round_ == fl.rounds:
-            found: dict[str, float] = {}
-            accuracy, loss = evaluate(load_flat(model, global_params, global_state), test, loss_fn=scoring.loss,
-                                      metrics=scoring.metrics, found=found)
-            if not math.isfinite(loss):
-                raise Diverged(f"round {round_}: the test loss is {loss}; the run diverged (lower fl.lr?)")
-            record = replace(record, test_accuracy=accuracy, test_loss=loss, test_metrics=found)
+        record = evaluated(record, fl, load_flat(model, global_params, global_state), test, scoring, "round")
         record = replace(record, round_seconds=time.perf_counter() - start)
         result.history.append(record)
         result.params, result.state = global_params, global_state
@@ -365,6 +355,32 @@ def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split,
     result.state = global_state
     load_flat(model, global_params, global_state)
     return result
+
+
+def ends_before(round_: int, result: TrainingResult, fl: FLConfig, algorithm: Algorithm,
+                stop: Callable[[Sequence[RoundRecord]], str | None]) -> bool:
+    """True when the run ends before `round_`: the target was reached (fl.stop_at_target), or `stop` or the
+    algorithm's halt gives a reason (logged, and kept as result.stopped)."""
+    if reached_target(fl, result.history):
+        return True
+    if (why := stop(result.history) or algorithm.halt(round_)) is not None:
+        log.info("%s", why)
+        result.stopped = why
+        return True
+    return False
+
+
+def evaluated(record: RoundRecord, fl: FLConfig, model: nn.Module, test: Split, scoring: Evaluation,
+              unit: str) -> RoundRecord:
+    """`record` with the model's test metrics on evaluation rounds (every fl.eval_every, and the last); Diverged on
+    a non-finite test loss (`unit` names the round in its message: round, server step)."""
+    if record.round % fl.eval_every and record.round != fl.rounds:
+        return record
+    found: dict[str, float] = {}
+    accuracy, loss = evaluate(model, test, loss_fn=scoring.loss, metrics=scoring.metrics, found=found)
+    if not math.isfinite(loss):
+        raise Diverged(f"{unit} {record.round}: the test loss is {loss}; the run diverged (lower fl.lr?)")
+    return replace(record, test_accuracy=accuracy, test_loss=loss, test_metrics=found)
 
 
 def rebased(update: ClientResult, start: torch.Tensor, global_params: torch.Tensor) -> ClientResult:

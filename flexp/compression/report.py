@@ -94,14 +94,16 @@ def compression_table(runs: pd.DataFrame, frame: pd.DataFrame, traffic: Mapping[
     return table.loc[order].drop(columns="compressed").reset_index(drop=True), len(found) - len(table)
 
 
+def cell(value: object, fmt: str) -> str:
+    """A table cell: `value` formatted, or – when it is missing (None or NaN: a target not reached)."""
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+
+
 def compression_markdown(table: pd.DataFrame, target: float | None, left_out: int = 0) -> str:
     """The codec table as Markdown, its caption saying what each column is (and how many runs it leaves out)."""
     goal = f"{100 * target:g}%" if target else "the target"
     head = ("| partition | devices | codec | final acc. | Δ pts | rounds | MB up | × fewer up | MB down | "
             f"rounds to {goal} | sim. hours to {goal} | sim. hours |\n" + "|---" * 12 + "|\n")
-
-    def cell(value: object, fmt: str) -> str:
-        return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
 
     lines = [f"| {r['partition']} | {r['deployment']} | {r['codec']} | {cell(r['final_accuracy'], '.4f')} | "
              f"{cell(r['delta_points'], '+.2f')} | {r['rounds']} | {cell(r['mb_up'], ',.1f')} | "

@@ -4,13 +4,12 @@ with how many times sooner than synchronous FedAvg it gets there. Used by flexp.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
 
-from flexp.compression.report import MB, History, hours_at, hours_of, param, plot_panels, present, total
+from flexp.compression.report import MB, History, cell, hours_at, hours_of, param, plot_panels, present, total
 
 ASYNCHRONY = "asynchrony"  # report.table of a sync-versus-async sweep
 PUBLISHED = "FedBuff (Nguyen et al. 2022) reports 3.3x more efficient than synchronous FL"
@@ -98,9 +97,6 @@ def asynchrony_markdown(table: pd.DataFrame, target: float | None, left_out: int
     goal = f"{100 * target:g}%" if target else "the target"
     head = (f"| partition | arm | final acc. | server steps | client updates | MB up | steps to {goal} | "
             f"sim. hours to {goal} | sim. hours | × faster to {goal} than sync |\n" + "|---" * 10 + "|\n")
-
-    def cell(value: object, fmt: str) -> str:
-        return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
 
     lines = [f"| {r['partition']} | {r['arm']} | {cell(r['final_accuracy'], '.4f')} | {r['steps']} | "
              f"{cell(r['updates'], ',')} | {cell(r['mb_up'], ',.1f')} | {cell(r['steps_to_target'], '.1f')} | "
