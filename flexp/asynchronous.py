@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,7 @@ from torch import nn
 
 from flexp import interrupt
 from flexp.algorithm import Algorithm
-from flexp.client import ClientResult
+from flexp.client import ClientResult, ClientTask
 from flexp.config import FLConfig
 from flexp.data import Split
 from flexp.fedavg import (
@@ -62,16 +62,32 @@ class AsyncSettings:
 
 @dataclass
 class Flight:
-    """A client on its way: when it reports, the server step its weights come from, the dispatch that started it,
-    the bytes it downloads and uploads, and its reply as the server will take it."""
+    """A client on its way: when it started, the server step its weights come from, the dispatch that started it,
+    the bytes it downloads and the samples it trains on; until it is trained, its task, the broadcast it starts from
+    (None: its step's weights) and the model state sent with them; then its reply and upload bytes. `finish` is when
+    it reports once trained, before that the earliest it could (its upload left out)."""
 
+    started: float
     finish: float
     client: int
     version: int
     dispatch: int
     down: int
-    up: int
-    reply: ClientResult
+    samples: int
+    task: ClientTask | None = None
+    weights: torch.Tensor | None = None
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    up: int = 0
+    reply: ClientResult | None = None
+
+    def batch(self) -> tuple[int, int]:
+        """Flights with the same batch start from the same weights: one step's, or one dispatch's broadcast."""
+        return (self.version, 0 if self.weights is None else self.dispatch)
+
+
+def plain(value: Any) -> Any:
+    """A dataclass (ClientTask, ClientResult) as a dict of its fields; anything else as it is."""
+    return {k.name: getattr(value, k.name) for k in fields(value)} if is_dataclass(value) else value
 
 
 @dataclass
@@ -94,8 +110,7 @@ class Clock:
     def state(self) -> dict[str, Any]:
         """Tensors and plain data (a checkpoint's `loop` entry)."""
         def flight(f: Flight) -> dict[str, Any]:
-            return {**{k.name: getattr(f, k.name) for k in fields(f) if k.name != "reply"},
-                    "reply": {k.name: getattr(f.reply, k.name) for k in fields(f.reply)}}
+            return {k.name: plain(getattr(f, k.name)) for k in fields(f)}
         return {"time": self.time, "dispatches": self.dispatches, "last_step": self.last_step,
                 "flying": [flight(f) for f in self.flying], "buffer": [flight(f) for f in self.buffer],
                 "starts": dict(self.starts), "since": dict(self.since), "failing": self.failing,
@@ -110,7 +125,9 @@ class Clock:
             return {k: on(v) for k, v in value.items()} if isinstance(value, dict) else value
 
         def flight(f: dict[str, Any]) -> Flight:
-            return Flight(**{**f, "reply": ClientResult(**on(f["reply"]))})
+            f = on(f)
+            return Flight(**{**f, "task": f["task"] and ClientTask(**f["task"]),
+                             "reply": f["reply"] and ClientResult(**f["reply"])})
         return cls(state["time"], state["dispatches"], state["last_step"], [flight(f) for f in state["flying"]],
                    [flight(f) for f in state["buffer"]], on(state["starts"]), dict(state["since"]),
                    state["failing"], state["first_error"], {s: list(c) for s, c in state["histogram"].items()})
@@ -143,16 +160,23 @@ class AsyncLoop:
         self.buffer_size = int(algorithm.buffer_size or 1)
 
     def next_buffer(self, version: int, params: torch.Tensor, sent: dict[str, Any]) -> list[Flight]:
-        """Run the clock until the buffer holds `buffer_size` usable reports; return them (the buffer empties)."""
+        """Run the clock until the buffer holds `buffer_size` usable reports; return them (the buffer empties).
+
+        A client is trained when it is the next that could report (the earliest finish of those trained, the
+        earliest possible of those not): then with every client not yet trained that starts from the same weights,
+        as one batch. Reports are taken in the order eager training would give, the batches are larger."""
         clock = self.clock
         while len(clock.buffer) < self.buffer_size:
             interrupt.check()
-            if clock.flying and clock.flying[0].finish <= clock.time:
+            head = clock.flying[0] if clock.flying else None
+            if head is not None and head.reply is None:
+                self.train(head.batch(), version, params)
+            elif head is not None and head.finish <= clock.time:
                 self.take(clock.flying.pop(0), version)
             elif len(clock.flying) < self.settings.concurrency:
                 self.dispatch(self.settings.concurrency - len(clock.flying), version, params, sent)
             else:
-                clock.time = clock.flying[0].finish
+                clock.time = head.finish
         out, clock.buffer = clock.buffer, []
         return out
 
@@ -182,27 +206,45 @@ class AsyncLoop:
         clock.buffer.append(flight)
 
     def dispatch(self, count: int, version: int, params: torch.Tensor, sent: dict[str, Any]) -> None:
-        """Start `count` clients now from the current weights (server step `version`), trained as one batch."""
-        clock, algorithm, system = self.clock, self.algorithm, self.cond.system
+        """Start `count` clients now from the current weights (server step `version`): their tasks and messages
+        are made now, their training when it is first needed (AsyncLoop.train)."""
+        clock, algorithm, profiles = self.clock, self.algorithm, self.cond.system.profiles
         d = clock.dispatches + 1
         chosen = draw_clients(len(self.partition), count, {f.client for f in clock.flying}, self.seed, d)
         weights, weights_bytes = algorithm.broadcast(d, params)
         tasks = round_tasks(self.partition, chosen, {}, self.seed, d, self.cond.data, algorithm, params, version + 1)
-        replies = self.engine.run_round(weights, tasks, algorithm, **sent) if tasks else []
-        replies = [algorithm.receive(d, params, rebased(u, weights, params)) for u in replies]
-        for task, reply in zip(tasks, replies):
-            why = failure(reply)
-            if why is not None and self.cond.on_client_error == "abort":
-                raise ClientFailure(f"dispatch {d}: client {reply.client} failed: {why} "
-                                    f"(engine.on_client_error=abort)")
+        for task in tasks:
             down = weights_bytes + message_bytes(task.message)
-            up = algorithm.upload_bytes(reply) if why is None else 0
             samples = (task.epochs or self.fl.local_epochs) * len(task.indices)
-            seconds = float(system.profiles.seconds(task.client, down, samples, up))
-            clock.flying.append(Flight(clock.time + seconds, task.client, version, d, down, up, reply))
+            earliest = clock.time + float(profiles.seconds(task.client, down, samples, 0))
+            clock.flying.append(Flight(clock.time, earliest, task.client, version, d, down, samples, task,
+                                       None if weights is params else weights, sent.get("state", {})))
             clock.since["bytes_down"] += down
         clock.flying.sort(key=lambda f: (f.finish, f.client))
         clock.dispatches = d
+
+    def train(self, batch: tuple[int, int], version: int, params: torch.Tensor) -> None:
+        """Train every client of `batch` not trained yet (in dispatch, then client order) as one engine call; each
+        reply goes through the algorithm's receive (its client-side stages) and sets when the client reports."""
+        clock, algorithm, profiles = self.clock, self.algorithm, self.cond.system.profiles
+        group = sorted((f for f in clock.flying if f.reply is None and f.batch() == batch),
+                       key=lambda f: (f.dispatch, f.client))
+        first = group[0]
+        start = params if first.version == version else clock.starts[first.version]
+        weights = start if first.weights is None else first.weights
+        sent = {"state": first.state} if first.state else {}
+        replies = self.engine.run_round(weights, [f.task for f in group], algorithm, **sent)
+        for flight, update in zip(group, replies):
+            reply = algorithm.receive(flight.dispatch, start, rebased(update, weights, start))
+            why = failure(reply)
+            if why is not None and self.cond.on_client_error == "abort":
+                raise ClientFailure(f"dispatch {flight.dispatch}: client {reply.client} failed: {why} "
+                                    f"(engine.on_client_error=abort)")
+            flight.up = algorithm.upload_bytes(reply) if why is None else 0
+            flight.finish = flight.started + float(profiles.seconds(flight.client, flight.down, flight.samples,
+                                                                    flight.up))
+            flight.reply, flight.task, flight.weights, flight.state = reply, None, None, {}
+        clock.flying.sort(key=lambda f: (f.finish, f.client))
 
 
 def run_async(model: nn.Module, partition: Sequence[Any], test: Split, fl: FLConfig, engine: Engine, seed: int,

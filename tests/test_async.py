@@ -86,7 +86,8 @@ def test_staleness_on_a_hand_made_timeline():
     assert [r.extra["staleness_mean"] for r in history] == [0, 1, 1, 0, 4]
     assert [round(r.sim_hours * 3600, 9) for r in history] == [0.5, 1.0, 1.0, 1.5, 2.0]
     assert [round(r.sim_seconds, 9) for r in history] == [0.5, 0.5, 0.0, 0.5, 0.5]
-    assert engine.calls == [[0, 1, 2, 3], [3], [2, 3], [3]]  # the clients that restart together train together
+    assert engine.calls == [[0, 1, 2, 3], [3], [2, 3]]  # clients that start together train together, when first
+    # needed: client 3's run from step 4 would report after step 5, the last, and never trains
     expected = 1 + 2 / math.sqrt(2) + 1 + 1 / math.sqrt(5)  # each step adds its update's weight (1+s)^-1/2
     assert torch.allclose(moved, torch.full_like(moved, expected), rtol=0, atol=ROUNDING)
     assert result.texts["staleness.csv"] == "staleness,aggregated,discarded\n0,2,0\n1,2,0\n4,1,0\n"
