@@ -34,7 +34,7 @@ from flexp.objective import build_loss, build_metrics
 from flexp.progress import Progress
 from flexp.prune import CELL_TAG, Pruner, Rival, cell_id, stop_rule
 from flexp.stage import build_stages, plan_of, with_stages
-from flexp.strategy import make_algorithm
+from flexp.strategy import make_algorithm, make_strategy
 from flexp.system.devices import System
 from flexp.tracking import flatten
 
@@ -108,6 +108,8 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
     device = resolve_device(cfg.engine.device)
     federated = cfg.mode == "federated"
     stages, system = (build_stages(cfg), make_system(cfg)) if federated else ({}, None)  # before the data loads
+    asynchronous = async_settings(cfg, make_strategy(cfg.strategy, cfg.fl.clients, cfg.fl.lr, cfg.seed), system) \
+        if federated else None
     data = load_dataset(cfg.dataset, log=log.info)
     interrupt.check()
     parts = make_partition(cfg, data) if cfg.mode == "federated" else []
@@ -122,7 +124,6 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
             stage.check(model, algorithm)
         warn_retired_hooks(algorithm)
         algorithm = with_stages(algorithm, stages)
-        asynchronous = async_settings(cfg, algorithm, system)
         if system is not None and asynchronous is None:
             check_deadline(cfg, system, parts, model, algorithm)
         return Prepared(data.to(device), parts, model, device, callbacks, algorithm, system, asynchronous)
@@ -201,9 +202,20 @@ def run_name(cfg: ExperimentConfig) -> str:
     if cfg.mode == "baseline":
         return f"baseline {batch} {cfg.model.name} {cfg.dataset.name}"
     fl = cfg.fl
-    return (f"K{fl.clients} C{fl.fraction:g} E{fl.local_epochs} {batch} {cfg.strategy.name}{privacy_label(cfg)}"
-            f"{compression_label(cfg)}{system_label(cfg)} "
+    return (f"K{fl.clients} C{fl.fraction:g} E{fl.local_epochs} {batch} {cfg.strategy.name}{async_label(cfg)}"
+            f"{privacy_label(cfg)}{compression_label(cfg)}{system_label(cfg)} "
             f"{cfg.model.name} {cfg.dataset.name} {cfg.partition.name}")
+
+
+def async_label(cfg: ExperimentConfig) -> str:
+    """' buf10 of 20 ms3': an asynchronous strategy's buffer, the clients training at once and the staleness
+    limit, for the run name; '' for a strategy without a buffer."""
+    buffer = cfg.strategy.kwargs.get("buffer_size")
+    if not isinstance(buffer, int):
+        return ""
+    given = cfg.asynchronous
+    limit = "" if given.max_staleness is None else f" ms{given.max_staleness}"
+    return f" buf{buffer} of {given.concurrency or cfg.fl.clients_per_round}{limit}"
 
 
 def compression_label(cfg: ExperimentConfig) -> str:
@@ -387,7 +399,9 @@ def execute(cfg: ExperimentConfig, tracker: Tracker, tags: Mapping[str, str], co
         if resume is None:
             tracker.log_params(flatten(cfg.raw))
             resolved = {**(ready.algorithm.run_params() if ready.algorithm else {}),
-                        **(ready.system.run_params() if ready.system else {})}
+                        **(ready.system.run_params() if ready.system else {}),
+                        **({"async.resolved_concurrency": ready.asynchronous.concurrency}
+                           if ready.asynchronous else {})}
             if resolved:
                 tracker.log_params(resolved)
                 log.info("%s", "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"

@@ -163,3 +163,12 @@ def test_a_codec_encodes_each_asynchronous_update():
     ratios = [p.bytes_up / q.bytes_up for p, q in zip(plain.history, quantized.history)]
     assert all(3.9 < r < 4.0 for r in ratios), ratios  # 1 byte for 4, plus a scale and offset per 1,024 values
     assert [r.sim_hours for r in quantized.history] != [r.sim_hours for r in plain.history]  # uploads are faster
+
+
+def test_the_run_name_says_the_buffer_the_concurrency_and_the_staleness_limit():
+    from flexp.api import experiment
+    from flexp.job import run_name
+
+    assert " fedbuff buf3 of 6 ms3 heavy_tailed " in run_name(experiment(compose([*HEAVY, "async.max_staleness=3"])))
+    assert " fedbuff buf5 of 5 uniform " in run_name(experiment(compose([*SMALL, "strategy=fedbuff",
+                                                                          "strategy.buffer_size=5"])))

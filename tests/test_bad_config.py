@@ -233,3 +233,14 @@ def test_overrides_beside_resume_are_said_to_be_ignored(capsys):
                                                "ignored: fl.rounds=4")
     warn_resume_overrides(["resume=outputs/runs/x"])
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("overrides", [["strategy=fedbuff"], ["async.concurrency=5"],
+                                       ["strategy=fedbuff", "system=uniform", "privacy=dp_fedavg"]], ids=" ".join)
+def test_what_the_async_loop_cannot_run_is_refused_before_the_data_loads(overrides, monkeypatch, capsys):
+    """No data-loading log line comes before the error line: the refusal needs only the config and the strategy."""
+    import flexp.job
+
+    monkeypatch.setattr(flexp.job, "load_dataset", lambda *a, **k: pytest.fail("the data loaded before the refusal"))
+    line = cli_error([*SMALL, *overrides], capsys)
+    assert line.split("=")[0] in ("system", "async.concurrency", "privacy"), line
