@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -280,7 +281,7 @@ def run_async(model: nn.Module, partition: Sequence[Any], test: Split, fl: FLCon
         params = new
         clock.starts = {v: p for v, p in clock.starts.items() if any(f.version == v for f in clock.flying)}
         record = step_record(step, replies, buffer, clock, algorithm.round_metrics(step))
-        record = evaluated(record, fl, load_flat(model, params, global_state), test, scoring, "server step")
+        record = evaluated(record, fl, partial(load_flat, model, params, global_state), test, scoring, "server step")
         record = replace(record, round_seconds=time.perf_counter() - start)
         result.history.append(record)
         result.params, result.state = params, global_state

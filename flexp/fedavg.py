@@ -7,6 +7,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -344,7 +345,7 @@ def run_fedavg(model: nn.Module, partition: Sequence[torch.Tensor], test: Split,
             hours = (result.history[-1].sim_hours or 0.0) if result.history else 0.0
             record = replace(record, sim_seconds=clock.seconds, sim_hours=hours + clock.seconds / 3600,
                              late=len(clock.late), surplus=len(clock.surplus))
-        record = evaluated(record, fl, load_flat(model, global_params, global_state), test, scoring, "round")
+        record = evaluated(record, fl, partial(load_flat, model, global_params, global_state), test, scoring, "round")
         record = replace(record, round_seconds=time.perf_counter() - start)
         result.history.append(record)
         result.params, result.state = global_params, global_state
@@ -370,14 +371,15 @@ def ends_before(round_: int, result: TrainingResult, fl: FLConfig, algorithm: Al
     return False
 
 
-def evaluated(record: RoundRecord, fl: FLConfig, model: nn.Module, test: Split, scoring: Evaluation,
+def evaluated(record: RoundRecord, fl: FLConfig, model: Callable[[], nn.Module], test: Split, scoring: Evaluation,
               unit: str) -> RoundRecord:
-    """`record` with the model's test metrics on evaluation rounds (every fl.eval_every, and the last); Diverged on
-    a non-finite test loss (`unit` names the round in its message: round, server step)."""
+    """`record` with the test metrics of `model()` (the model holding the new global weights) on evaluation rounds
+    (every fl.eval_every, and the last); Diverged on a non-finite test loss (`unit` names the round in its message:
+    round, server step)."""
     if record.round % fl.eval_every and record.round != fl.rounds:
         return record
     found: dict[str, float] = {}
-    accuracy, loss = evaluate(model, test, loss_fn=scoring.loss, metrics=scoring.metrics, found=found)
+    accuracy, loss = evaluate(model(), test, loss_fn=scoring.loss, metrics=scoring.metrics, found=found)
     if not math.isfinite(loss):
         raise Diverged(f"{unit} {record.round}: the test loss is {loss}; the run diverged (lower fl.lr?)")
     return replace(record, test_accuracy=accuracy, test_loss=loss, test_metrics=found)
