@@ -42,6 +42,16 @@ class Batch:
         return (losses * self.mask).sum() / self.mask.sum().clamp_min(1)
 
 
+@dataclass(frozen=True)
+class StepTerms:
+    """What an algorithm's local step adds to plain SGD on the mean task loss, declared so hand kernels can run it:
+    w <- w - lr (g + proximal (w - w_start) + message[correction]), on the labels message[label_map][y]."""
+
+    proximal: float = 0.0
+    correction: str | None = None  # a message key: a flat [P] tensor added to every step's gradient
+    label_map: str | None = None  # a message key: a [classes] tensor mapping each label to the one trained on
+
+
 class RoundHooks:
     """What an algorithm and a round stage (flexp.stage) can tell the round besides their work: per-round metrics,
     a reason to stop, params fixed at the start, and their state for checkpoints."""
@@ -131,6 +141,12 @@ class Algorithm(RoundHooks):
         """Extra tensors for the reply (`ClientResult.extra`), besides weights, n_k, loss and step count."""
         return {}
 
+    def step_terms(self) -> StepTerms | None:
+        """This class's client side as plain SGD plus StepTerms (None: something else), so hand kernels run it without
+        knowing the class. Declare it beside the hooks it describes: it holds only for the hooks defined in the
+        declaring class and its bases (flexp.algorithm.step_terms checks that)."""
+        return StepTerms()
+
     def gradient(self, batch: Batch, params: Params, cstate: dict[str, Any]) -> tuple[Params, Tensor, dict[str, Any]]:
         """(the gradients one local step follows, its task loss, the client state): by default those of `loss` on
         the batch's mean task loss (engines compute that faster themselves unless this hook is overridden)."""
@@ -151,6 +167,20 @@ def tensor_bytes(tensors: Iterable[Tensor]) -> int:
 def client_code(algorithm: Algorithm) -> tuple[Callable, ...]:
     """The functions behind an algorithm's client hooks: what a hand kernel must implement exactly to run it."""
     return tuple(getattr(getattr(algorithm, name), "__func__", getattr(algorithm, name)) for name in CLIENT_HOOKS)
+
+
+def step_terms(algorithm: Algorithm) -> StepTerms | None:
+    """`algorithm.step_terms()` where it covers every client hook the algorithm runs (each defined in the class that
+    declares step_terms of the object the hook is bound to, or in one of its bases); None otherwise, so a subclass
+    that overrides a hook without declaring its terms runs the generic path."""
+    for hook in CLIENT_HOOKS:
+        owner, function = hook_owner(algorithm, hook), getattr(getattr(algorithm, hook), "__func__", None)
+        if function is None:
+            return None
+        declarer = next(c for c in type(owner).__mro__ if "step_terms" in vars(c))
+        if not any(function is vars(c).get(name) for c in declarer.__mro__ for name in (hook, function.__name__)):
+            return None
+    return algorithm.step_terms()
 
 
 def overrides(algorithm: Algorithm, hook: str) -> bool:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from flexp.algorithm import CLIENT_HOOKS, Algorithm
+from flexp.algorithm import CLIENT_HOOKS, Algorithm, StepTerms, step_terms
 from flexp.client import ClientResult
 
 
@@ -68,6 +68,9 @@ class Attacker(Algorithm):
 
     def message(self, client: int, round_: int, params: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.inner.message(client, round_, params)
+
+    def step_terms(self) -> StepTerms | None:
+        return step_terms(self.inner)
 
     def receive(self, round_: int, params: torch.Tensor, reply: ClientResult) -> ClientResult:
         reply = self.inner.receive(round_, params, reply)

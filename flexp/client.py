@@ -77,8 +77,9 @@ def local_sgd(model: Replica, x: torch.Tensor, y: torch.Tensor, task: ClientTask
     batch = spec.batch_size or n
     loss_sum = torch.zeros((), device=x.device)
     start = {name: p.detach().clone() for name, p in model.named.items()}
-    cstate: Any = algorithm.client_init(start, {k: v.to(x.device) for k, v in task.message.items()})
-    step = model.step_for(algorithm, task_loss)
+    message = {k: v.to(x.device) for k, v in task.message.items()}
+    cstate: Any = algorithm.client_init(start, message)
+    step = model.step_for(algorithm, task_loss, message)
     epochs = task.local_epochs(spec)
     for order in epoch_orders(task, epochs).to(x.device):
         for first in range(0, n, batch):

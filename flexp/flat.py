@@ -7,7 +7,7 @@ averages, and its frozen parameters, which the server sends and nobody changes. 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import cache
 from typing import Any
 
@@ -47,8 +47,10 @@ class Replica:
         """The current parameters by name, detached views of the model's own tensors."""
         return {name: p.detach() for name, p in self.named.items()}
 
-    def step_for(self, algorithm: Any, task_loss: Callable[..., torch.Tensor]) -> Callable[..., Any]:
-        """The training step to run `algorithm` with: autograd here; a hand kernel where one implements the pair."""
+    def step_for(self, algorithm: Any, task_loss: Callable[..., torch.Tensor],
+                 message: Mapping[str, torch.Tensor]) -> Callable[..., Any]:
+        """The training step to run `algorithm` with for one client (its `message`, the replica holding its start
+        weights): autograd here; a hand kernel where one implements the pair."""
         return self.train_step
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, algorithm: Any, cstate: Any,

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from flexp.algorithm import CLIENT_HOOKS, Algorithm, Batch, Params, RoundHooks
+from flexp.algorithm import CLIENT_HOOKS, Algorithm, Batch, Params, RoundHooks, StepTerms, step_terms
 from flexp.client import ClientResult
 
 
@@ -120,6 +120,9 @@ class Staged(Algorithm):
 
     def message(self, client: int, round_: int, params: Tensor) -> dict[str, Tensor]:
         return self.inner.message(client, round_, params)
+
+    def step_terms(self) -> StepTerms | None:
+        return None if self.trainer is not None else step_terms(self.inner)
 
     def broadcast(self, round_: int, params: Tensor) -> tuple[Tensor, int]:
         sent = self.inner.broadcast(round_, params)

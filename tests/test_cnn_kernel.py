@@ -1,10 +1,12 @@
-"""The hand-written CNN step is the autograd step: equal in float64 for every algorithm it claims (FedAvg,
-FedProx, SCAFFOLD, label flipping), and never chosen for one it does not."""
+"""The hand-written CNN step is the autograd step: equal in float64 for every client side that declares StepTerms
+(FedAvg, FedProx, SCAFFOLD, label flipping, a user's proximal algorithm the kernel never heard of), and never chosen
+for one that does not."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from rounding import assert_same_sgd, chained_reductions, longest_sum
+from user_algorithm import Proximal
 
 from flexp.algorithm import Algorithm
 from flexp.engine.cnn_kernel import PaperCnnReplica, is_paper_cnn, replica_for
@@ -33,23 +35,25 @@ def _batches(dtype, sizes):
 
 
 CLAIMED = {"fedavg": lambda: Algorithm(), "fedprox": lambda: FedProx(0.5), "scaffold": lambda: Scaffold(4, 0.1),
-           "label_flip": lambda: LabelFlip(FedProx(0.5), frozenset({0}), 10)}
+           "label_flip": lambda: LabelFlip(FedProx(0.5), frozenset({0}), 10), "user_proximal": lambda: Proximal(0.5),
+           "label_flip_scaffold": lambda: LabelFlip(Scaffold(4, 0.1), frozenset({0}), 10)}
 
 
 @pytest.mark.parametrize("name", sorted(CLAIMED))
 def test_kernel_equals_autograd_in_float64(name):
     algorithm = CLAIMED[name]()
     reference, fast = _pair(torch.float64)
-    assert fast.step_for(algorithm, F.cross_entropy) == fast.kernel_step
     start = flat_parameters(reference.module)
     message = algorithm.message(0, 1, start)
-    if name == "scaffold":
-        message = {"correction": 0.01 * torch.randn(start.shape, dtype=torch.float64)}
+    if "scaffold" in name:
+        message = {**message, "correction": 0.01 * torch.randn(start.shape, dtype=torch.float64)}
+    kernel = fast.step_for(algorithm, F.cross_entropy, message)
+    assert kernel.func == fast.kernel_step
     slow_state = algorithm.client_init({k: v.clone() for k, v in reference.detached().items()}, message)
     fast_state = algorithm.client_init({k: v.clone() for k, v in fast.detached().items()}, message)
     for x, y in _batches(torch.float64, [10, 10, 10, 7, 10]):
         slow_loss, slow_state = reference.train_step(x, y, 0.1, algorithm, slow_state, F.cross_entropy)
-        fast_loss, fast_state = fast.kernel_step(x, y, 0.1, algorithm, fast_state, F.cross_entropy)
+        fast_loss, fast_state = kernel(x, y, 0.1, algorithm, fast_state, F.cross_entropy)
         assert abs(float(slow_loss - fast_loss)) < 1e-12
     assert_same_sgd(flat_parameters(fast.module), flat_parameters(reference.module), start, 5,
                     longest_sum("cnn", (1, 28, 28), 10), chained_reductions("cnn"))
@@ -59,9 +63,10 @@ def test_kernel_agrees_with_autograd_in_float32_over_a_few_steps():
     reference, fast = _pair(torch.float32)
     start = flat_parameters(reference.module)
     fedavg = Algorithm()
+    kernel = fast.step_for(fedavg, F.cross_entropy, {})
     for x, y in _batches(torch.float32, [10, 10, 3]):
         reference.train_step(x, y, 0.1, fedavg, {}, F.cross_entropy)
-        fast.kernel_step(x, y, 0.1, fedavg, {}, F.cross_entropy)
+        kernel(x, y, 0.1, fedavg, {}, F.cross_entropy)
     assert_same_sgd(flat_parameters(fast.module), flat_parameters(reference.module), start, 3,
                     longest_sum("cnn", (1, 28, 28), 10), chained_reductions("cnn"))
 
@@ -80,9 +85,16 @@ class Tweaked(FedProx):
         return super().step(params, grads, cstate, 2 * lr)
 
 
+class Undeclared(Proximal):
+    """The user's proximal algorithm with another loss but the StepTerms it inherits: they no longer describe it."""
+
+    def loss(self, task_loss, params, cstate):
+        return 2 * super().loss(task_loss, params, cstate)
+
+
 def test_the_kernel_is_not_used_for_an_algorithm_or_loss_it_does_not_claim():
     replica = replica_for(build_model("cnn", (1, 28, 28), 10))
-    assert replica.step_for(Tweaked(0.5), F.cross_entropy) == replica.train_step
-    assert replica.step_for(LabelFlip(Tweaked(0.5), frozenset(), 10), F.cross_entropy) == replica.train_step
-    assert replica.step_for(Algorithm(), F.nll_loss) == replica.train_step
-    assert replica.step_for(LabelFlip(Scaffold(4, 0.1), frozenset(), 10), F.cross_entropy) == replica.kernel_step
+    message = {"label_map": torch.arange(10)}
+    for algorithm in (Tweaked(0.5), LabelFlip(Tweaked(0.5), frozenset(), 10), Undeclared(0.5)):
+        assert replica.step_for(algorithm, F.cross_entropy, message) == replica.train_step, algorithm
+    assert replica.step_for(Algorithm(), F.nll_loss, {}) == replica.train_step

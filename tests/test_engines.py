@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from rounding import assert_same_sgd, chained_reductions, longest_sum
+from user_algorithm import Proximal
 
 from flexp.client import LocalSpec
 from flexp.config import DatasetConfig, EngineConfig, FLConfig
@@ -141,7 +142,8 @@ def test_the_thread_engine_says_whether_the_cnn_kernel_or_autograd_trains_the_cl
         return str(engine.last_path)
 
     assert path("cnn", 10, FedAvg()) == path("cnn", 512, Scaffold(4, 0.1)) == "kernel (hand CNN kernel)"
-    assert path("cnn", 10, OwnStep()) == "autograd (the CNN kernel does not implement OwnStep's client side)"
+    assert path("cnn", 10, OwnStep()) == ("autograd (the CNN kernel does not implement OwnStep's client side: it "
+                                          "declares no StepTerms)")
     assert path("cnn", 513, FedAvg()) == "autograd (the CNN kernel takes batches of at most 512 samples)"
     assert path("cnn", None, FedProx(0.1)).startswith("kernel (hand CNN kernel; autograd for a client of over 512")
     assert path("2nn", 10, FedAvg()) == "autograd"
@@ -182,7 +184,8 @@ def test_vectorized_mlp_result_does_not_depend_on_the_worker_count(mnist_small, 
 
 KERNEL_CLAIMS = {"fedavg": lambda: FedAvg(), "fedprox": lambda: FedProx(0.5),
                  "scaffold": lambda: Scaffold(CLIENTS, 0.05),
-                 "label_flip": lambda: LabelFlip(FedProx(0.5), frozenset({0, 3}), 10)}
+                 "label_flip": lambda: LabelFlip(FedProx(0.5), frozenset({0, 3}), 10),
+                 "user_proximal": lambda: Proximal(0.5)}
 
 
 @pytest.mark.parametrize("name", sorted(KERNEL_CLAIMS))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from flexp.algorithm import Algorithm, tensors, unflatten
+from flexp.algorithm import Algorithm, StepTerms, tensors, unflatten
 
 
 class LocalMomentum(Algorithm):
@@ -41,3 +41,21 @@ class LocalMomentum(Algorithm):
     def load_state_dict(self, state):
         self.velocity = tensors(state["velocity"], "momentum velocity", list(state["velocity"]))
         self.rounds = state["rounds"]
+
+
+class Proximal(Algorithm):
+    """FedProx written another way (its term in the loss, mu/2 ||w - w_start||^2) and declared as StepTerms: the
+    hand kernels run it without knowing the class."""
+
+    def __init__(self, mu: float) -> None:
+        self.mu = mu
+
+    def client_init(self, params, message):
+        return {**message, "start": {name: p.clone() for name, p in params.items()}}
+
+    def loss(self, task_loss, params, cstate):
+        start = cstate["start"]
+        return task_loss + self.mu / 2 * sum(((p - start[name]) ** 2).sum() for name, p in params.items())
+
+    def step_terms(self):
+        return StepTerms(proximal=self.mu)

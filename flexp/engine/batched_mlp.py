@@ -2,7 +2,7 @@
 
 For small MLPs like the paper's 2NN an eager autograd step is mostly framework overhead; doing m clients at once
 with explicit gradients removes it. Gradients are those of the mean cross-entropy over each client's valid samples.
-The kernel implements the client sides in `CLAIMED` (the CNN kernel's); any other algorithm takes the generic path.
+The kernel runs any client side that declares its StepTerms (flexp.algorithm); any other takes the generic path.
 """
 
 from __future__ import annotations
@@ -13,11 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flexp.algorithm import Algorithm, TaskLoss, client_code, hook_owner
+from flexp.algorithm import Algorithm, TaskLoss, step_terms
 from flexp.engine.cnn_kernel import unclaimed
-from flexp.strategy.fedprox import FedProx
-from flexp.strategy.label_flip import LabelFlip
-from flexp.strategy.scaffold import Scaffold
 
 
 def mlp_layers(model: nn.Module) -> list[nn.Linear] | None:
@@ -54,13 +51,12 @@ def unsupported(model: nn.Module, algorithm: Algorithm, task_loss: TaskLoss) -> 
 
 def terms(algorithm: Algorithm, messages: Mapping[str, torch.Tensor]) -> tuple[
         float, bool, torch.Tensor | None, torch.Tensor | None]:
-    """What a claimed algorithm adds to plain SGD: FedProx's mu (and whether to keep the anchor), SCAFFOLD's
-    corrections [m, P], the label maps [m, classes] of a label-flipping attack."""
-    _, batch, _, step, _, _ = client_code(algorithm)
-    owner = hook_owner(algorithm, "step")
-    mu = owner.mu if isinstance(owner, FedProx) else 0.0
-    correction = messages["correction"] if step is Scaffold.step else None
-    label_maps = messages["label_map"] if batch is LabelFlip.batch else None
+    """What the algorithm's StepTerms add to plain SGD for the round's clients (`messages` stacked [m, ...]): the
+    proximal weight (and whether to keep the start weights), the corrections [m, P], the label maps [m, classes]."""
+    terms = step_terms(algorithm)
+    mu = terms.proximal
+    correction = messages[terms.correction] if terms.correction else None
+    label_maps = messages[terms.label_map] if terms.label_map else None
     return mu, bool(mu), correction, label_maps
 
 

@@ -9,19 +9,17 @@ cross-entropy follow eager PyTorch; in float64 the step matches autograd to ~1e-
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flexp.algorithm import Algorithm, TaskLoss, client_code, hook_owner, overrides
+from flexp.algorithm import Algorithm, StepTerms, TaskLoss, hook_owner, overrides, step_terms
 from flexp.engine.path import EnginePath
 from flexp.flat import Replica
-from flexp.strategy.fedprox import FedProx
-from flexp.strategy.label_flip import LabelFlip
-from flexp.strategy.scaffold import Scaffold
 
 aten = torch.ops.aten
 CL = torch.channels_last
@@ -90,18 +88,6 @@ def sgd_step(params: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor, lr:
     return loss
 
 
-def claimed() -> set[tuple[Callable, ...]]:
-    """The client sides this kernel implements exactly: FedAvg's, FedProx's and SCAFFOLD's local SGD, on the
-    labels as given or label-flipped; with the task loss F.cross_entropy."""
-    base = Algorithm
-    pairs = [(base.client_init, base.step), (FedProx.client_init, FedProx.step), (base.client_init, Scaffold.step)]
-    return {(init, batch, base.loss, step, base.client_final, base.gradient) for init, step in pairs
-            for batch in (base.batch, LabelFlip.batch)}
-
-
-CLAIMED = claimed()
-
-
 def client_side(algorithm: Algorithm) -> str:
     """The phrase "<class>'s client side" for the run's log, <class> the one whose step hook runs (an attacker runs
     the hooks of the algorithm inside it), or whose own gradient hook replaces local training's gradients (a
@@ -130,8 +116,8 @@ def unclaimed(kernel: str, module: nn.Module, algorithm: Algorithm, task_loss: T
         return "the model has frozen parameters"
     if task_loss is not F.cross_entropy:
         return "the task loss is not cross-entropy"
-    if client_code(algorithm) not in CLAIMED:
-        return f"the {kernel} does not implement {client_side(algorithm)}"
+    if step_terms(algorithm) is None:
+        return f"the {kernel} does not implement {client_side(algorithm)}: it declares no StepTerms"
     return ""
 
 
@@ -154,22 +140,37 @@ class PaperCnnReplica(Replica):
     """A Replica whose training step is the hand-written kernel where it supports the algorithm (autograd for
     batches above MAX_BATCH and for every algorithm it does not claim)."""
 
-    def step_for(self, algorithm: Any, task_loss: TaskLoss) -> Callable[..., Any]:
-        return self.kernel_step if supports(self.module, algorithm, task_loss) else self.train_step
+    def step_for(self, algorithm: Any, task_loss: TaskLoss, message: Mapping[str, torch.Tensor]) -> Callable[..., Any]:
+        if not supports(self.module, algorithm, task_loss):
+            return self.train_step
+        terms = step_terms(algorithm)
+        return partial(self.kernel_step, pull=puller(self.params, terms, message), labels=terms.label_map and
+                       message[terms.label_map])
 
     def kernel_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, algorithm: Algorithm, cstate: Any,
-                    task_loss: TaskLoss) -> tuple[torch.Tensor, Any]:
+                    task_loss: TaskLoss, pull: Callable[[], list[torch.Tensor] | None],
+                    labels: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
         if len(x) > MAX_BATCH:
             return self.train_step(x, y, lr, algorithm, cstate, task_loss)
         with torch.no_grad():
-            x, y = algorithm.batch(x, y, cstate)
-            step = hook_owner(algorithm, "step")
-            pull = None
-            if isinstance(step, FedProx) and step.mu:
-                pull = torch._foreach_mul(torch._foreach_sub(self.params, list(cstate["anchor"].values())), step.mu)
-            if client_code(algorithm)[3] is Scaffold.step:
-                pull = self.split(cstate["correction"])
-            return sgd_step(self.params, x, y, lr, pull), cstate
+            return sgd_step(self.params, x, y if labels is None else labels[y], lr, pull()), cstate
+
+
+def puller(params: list[torch.Tensor], terms: StepTerms, message: Mapping[str, torch.Tensor]) -> Callable[
+        [], list[torch.Tensor] | None]:
+    """The function giving a step's extra gradient per parameter under `terms` (None for none): the proximal pull
+    mu (w - w_start) from the weights `params` hold now (the client's start), plus the message's correction."""
+    start = [p.detach().clone() for p in params] if terms.proximal else None
+    correction = message[terms.correction].split([p.numel() for p in params]) if terms.correction else None
+    fixed = [c.view(p.shape) for c, p in zip(correction, params)] if correction is not None else None
+    if start is None:
+        return lambda: fixed
+
+    def pull() -> list[torch.Tensor]:
+        out = torch._foreach_mul(torch._foreach_sub(params, start), terms.proximal)
+        return out if fixed is None else torch._foreach_add(out, fixed)
+
+    return pull
 
 
 def replica_for(module: nn.Module) -> Replica:

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from flexp.algorithm import Algorithm, Params
+from flexp.algorithm import Algorithm, Params, StepTerms
 from flexp.component import number
 
 
@@ -24,3 +24,6 @@ class FedProx(Algorithm):
         anchor = cstate["anchor"]
         pulled = {name: g.add(params[name] - anchor[name], alpha=self.mu) for name, g in grads.items()}
         return super().step(params, pulled, cstate, lr)
+
+    def step_terms(self) -> StepTerms:
+        return StepTerms(proximal=self.mu)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from flexp.algorithm import Algorithm, Batch, Params, overrides
+from flexp.algorithm import Algorithm, Batch, Params, StepTerms, overrides, step_terms
 from flexp.attack import Attacker, flipped_labels
 
 
@@ -29,6 +29,10 @@ class LabelFlip(Attacker):
                          cstate: dict[str, Any]) -> tuple[Params, torch.Tensor, dict[str, Any]]:
         """inner's own gradient hook on the batch with its labels mapped."""
         return self.inner.gradient(replace(batch, y=cstate["label_map"][batch.y]), params, cstate)
+
+    def step_terms(self) -> StepTerms | None:
+        inner = step_terms(self.inner)
+        return None if inner is None or inner.label_map else replace(inner, label_map="label_map")
 
     def batch(self, x: torch.Tensor, y: torch.Tensor, cstate: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.inner.batch(x, y, cstate)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from flexp.aggregate import weighted_average
-from flexp.algorithm import Algorithm, Params, client_tensors, tensors, unflatten
+from flexp.algorithm import Algorithm, Params, StepTerms, client_tensors, tensors, unflatten
 from flexp.client import ClientResult
 from flexp.client_state import ClientStore
 from flexp.component import integer, number
@@ -60,6 +60,9 @@ class Scaffold(Algorithm):
     def step(self, params: Params, grads: Params, cstate: dict[str, Any], lr: float) -> tuple[Params, dict[str, Any]]:
         correction = unflatten(cstate["correction"], params)
         return super().step(params, {name: g + correction[name] for name, g in grads.items()}, cstate, lr)
+
+    def step_terms(self) -> StepTerms:
+        return StepTerms(correction="correction")
 
     def upload_bytes(self, reply: ClientResult) -> int:
         """The reply and its control-variate delta (c_i+ - c_i, computed here on the server from the reply)."""
