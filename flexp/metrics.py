@@ -11,6 +11,9 @@ from torch import nn
 
 from flexp import interrupt
 from flexp.data import Split
+from flexp.engine.cnn_kernel import inference
+
+KERNEL_BATCH = 250  # the hand CNN kernel's evaluation batch: the fastest here (1.54 s for 10k images, 2 threads)
 
 
 def evaluate(module: nn.Module, split: Split, batch_size: int = 1000,
@@ -20,11 +23,14 @@ def evaluate(module: nn.Module, split: Split, batch_size: int = 1000,
     """(accuracy, mean loss: cross-entropy or `loss_fn`) of `module` on a whole split, in large inference batches;
     each of `metrics` (metric(outputs, targets) -> float on all outputs) is written into `found` by name.
 
-    Image batches run channels-last: PyTorch's CPU max-pool is ~10x faster in that layout.
+    Image batches run channels-last: PyTorch's CPU max-pool is ~10x faster in that layout. The paper's CNN runs on
+    the hand kernel's forward instead, KERNEL_BATCH images a batch.
     """
     was_training = module.training
     module.eval()
-    images = split.x.dim() == 4
+    kernel = inference(module)
+    images = split.x.dim() == 4 and kernel is None
+    run, batch_size = (kernel, KERNEL_BATCH) if kernel is not None else (module, batch_size)
     if images:
         module.to(memory_format=torch.channels_last)
     correct = torch.zeros((), dtype=torch.int64, device=split.x.device)
@@ -36,7 +42,7 @@ def evaluate(module: nn.Module, split: Split, batch_size: int = 1000,
             batch = split.x[start:start + batch_size]
             if images:
                 batch = batch.contiguous(memory_format=torch.channels_last)
-            logits = module(batch)
+            logits = run(batch)
             labels = split.y[start:start + batch_size]
             loss += loss_fn(logits, labels, reduction="sum").double()
             correct += (logits.argmax(1) == labels).sum()

@@ -5,12 +5,14 @@ for one that does not."""
 import pytest
 import torch
 import torch.nn.functional as F
-from rounding import assert_same_sgd, chained_reductions, longest_sum
+from rounding import assert_same_sgd, chained_reductions, longest_sum, sgd_rounding_bound
 from user_algorithm import Proximal
 
 from flexp.algorithm import Algorithm
-from flexp.engine.cnn_kernel import PaperCnnReplica, is_paper_cnn, replica_for
+from flexp.data import Split
+from flexp.engine.cnn_kernel import PaperCnnReplica, inference, is_paper_cnn, replica_for
 from flexp.flat import Replica, flat_parameters
+from flexp.metrics import evaluate
 from flexp.models import build_model
 from flexp.strategy.fedprox import FedProx
 from flexp.strategy.label_flip import LabelFlip
@@ -98,3 +100,20 @@ def test_the_kernel_is_not_used_for_an_algorithm_or_loss_it_does_not_claim():
     for algorithm in (Tweaked(0.5), LabelFlip(Tweaked(0.5), frozenset(), 10), Undeclared(0.5)):
         assert replica.step_for(algorithm, F.cross_entropy, message) == replica.train_step, algorithm
     assert replica.step_for(Algorithm(), F.nll_loss, {}) == replica.train_step
+
+
+def test_evaluation_runs_the_kernels_forward_and_scores_as_the_module_does():
+    torch.manual_seed(0)
+    model = build_model("cnn", (1, 28, 28), 10).double()
+    x, y = next(_batches(torch.float64, [300]))
+    with torch.no_grad():
+        fast, slow = inference(model)(x), model(x)
+    drift = float((fast - slow).norm() / slow.norm())
+    assert drift <= sgd_rounding_bound(1, 64 * 7 * 7, 4, torch.float64)  # one forward: 4 chained fan-ins
+    assert inference(build_model("2nn", (1, 28, 28), 10)) is None
+    generic = torch.nn.Sequential(torch.nn.Identity(), *model)  # the same layers, not the shape the kernel knows
+    assert inference(generic) is None
+    (fast_accuracy, fast_loss), (accuracy, loss) = evaluate(model, Split(x, y)), evaluate(generic, Split(x, y))
+    # cross-entropy moves at most 2 max|d logit| a sample (log-softmax is 2-Lipschitz in the max-norm), plus the sum
+    assert fast_accuracy == accuracy
+    assert abs(fast_loss - loss) <= 2 * float((fast - slow).abs().max()) + len(x) * 2**-53 * loss

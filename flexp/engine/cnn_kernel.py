@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -42,9 +42,23 @@ def is_paper_cnn(module: nn.Module) -> bool:
                     for m in (layers[2], layers[5])))
 
 
-def sgd_step(params: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor, lr: float,
-             pull: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """One SGD step on a batch [n,1,28,28], updating params in place: w <- w - lr (dloss/dw + pull); returns loss."""
+class Forward(NamedTuple):
+    """The forward pass's tensors that the backward pass reads."""
+
+    unf: torch.Tensor
+    y1c: torch.Tensor
+    i1: torch.Tensor
+    p1: torch.Tensor
+    y2c: torch.Tensor
+    i2: torch.Tensor
+    f: torch.Tensor
+    h: torch.Tensor
+    logits: torch.Tensor
+
+
+def forward(params: list[torch.Tensor], xb: torch.Tensor) -> Forward:
+    """The CNN's forward pass on a batch [n,1,28,28]: conv1 as an im2col GEMM writing NHWC, max-pool on
+    channels-last views, conv2 on oneDNN's NCHW kernel."""
     w1, b1, w2, b2, w3, b3, w4, b4 = params
     n = xb.shape[0]
     xp = F.pad(xb.reshape(n, 28, 28), (2, 2, 2, 2))
@@ -60,7 +74,25 @@ def sgd_step(params: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor, lr:
     p2c.relu_()
     f = p2c.contiguous().view(n, 3136)
     h = torch.addmm(b3, f, w3.t()).relu_()
-    logp = torch._log_softmax(torch.addmm(b4, h, w4.t()), 1, False)
+    return Forward(unf, y1c, i1, p1, y2c, i2, f, h, torch.addmm(b4, h, w4.t()))
+
+
+def inference(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The paper's CNN `module` on the CPU as a function of a batch, on this kernel's forward (~1.5x eager's in
+    inference here); None for any other model."""
+    if not is_paper_cnn(module) or any(p.device.type != "cpu" for p in module.parameters()):
+        return None
+    params = [p.detach().contiguous() for p in module.parameters()]
+    return lambda xb: forward(params, xb.contiguous()).logits
+
+
+def sgd_step(params: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor, lr: float,
+             pull: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """One SGD step on a batch [n,1,28,28], updating params in place: w <- w - lr (dloss/dw + pull); returns loss."""
+    w1, b1, w2, b2, w3, b3, w4, b4 = params
+    n = xb.shape[0]
+    unf, y1c, i1, p1, y2c, i2, f, h, logits = forward(params, xb)
+    logp = torch._log_softmax(logits, 1, False)
     loss, total_weight = aten.nll_loss_forward(logp, yb, None, 1, -100)
 
     one = torch.ones((), dtype=xb.dtype, device=xb.device)
