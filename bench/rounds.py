@@ -1,10 +1,15 @@
-"""FedAvg round cost on MNIST: a plain reference loop vs flexp's engines vs the machine's matmul roofline.
+"""FedAvg round cost on MNIST: hand-written loops vs flexp's engines vs the round's FLOP floor.
 
     python bench/rounds.py                 # 2nn and cnn, 5 measured rounds after 1 warm-up
+    python bench/rounds.py --models 2nn-fedsgd --variants vectorized    # B=inf, C=1 (FedSGD)
     python bench/rounds.py --models 2nn --rounds 10 --device cuda
     python bench/rounds.py --models 2nn --variants vectorized --compression none,quantize:8,topk:0.01,sign --repeat 3
 
-Prints a table and writes JSON under outputs/bench/. Every variant starts from the same initial weights.
+Variants: `reference` (a DataLoader per client), `hand` (batches indexed out of tensors: the fastest plain loop),
+`threads`, `vectorized`. The FLOP floor of a round is its arithmetic (local training, forward + backward as
+PyTorch's FLOP counter counts it, plus the forward over the test set) at the fp32 matmul rate measured on the spot;
+`% floor` is that floor over the measured round. Prints a table and writes JSON under outputs/bench/. Every variant
+starts from the same initial weights.
 """
 
 from __future__ import annotations
@@ -38,8 +43,11 @@ from flexp.partition import iid
 from flexp.stage import Plan, with_stages
 from flexp.strategy.fedavg import FedAvg
 
-SETTINGS = {"2nn": dict(local_epochs=1, batch_size=10, lr=0.1), "cnn": dict(local_epochs=5, batch_size=10, lr=0.1)}
-CLIENTS, FRACTION, SEED = 100, 0.1, 0
+SETTINGS = {"2nn": dict(model="2nn", local_epochs=1, batch_size=10, lr=0.1, fraction=0.1),
+            "cnn": dict(model="cnn", local_epochs=5, batch_size=10, lr=0.1, fraction=0.1),
+            "2nn-fedsgd": dict(model="2nn", local_epochs=1, batch_size=None, lr=0.1, fraction=1.0),
+            "cnn-fedsgd": dict(model="cnn", local_epochs=1, batch_size=None, lr=0.1, fraction=1.0)}
+CLIENTS, SEED = 100, 0
 CODECS = {"quantize": lambda plan, v: QuantizeUpdates(plan, bits=int(v or 8)),
           "topk": lambda plan, v: TopKUpdates(plan, ratio=float(v or 0.01)),
           "random_mask": lambda plan, v: RandomMaskUpdates(plan, ratio=float(v or 0.01)),
@@ -57,7 +65,8 @@ class Row:
     eval_s: float
     samples_per_s: float
     gflops: float
-    roofline_pct: float
+    floor_s: float
+    floor_pct: float
     peak_rss_mib: float
     accuracy: list[float] = field(default_factory=list)
 
@@ -85,16 +94,19 @@ class PeakRSS:
         self._thread.join()
 
 
-def matmul_gflops(device: torch.device, n: int = 2048, reps: int = 10) -> float:
-    """fp32 n^3 matmul rate: the roofline the training rates are compared with."""
+def matmul_gflops(device: torch.device, n: int = 2048, reps: int = 5, trials: int = 7) -> float:
+    """The fp32 n^3 matmul rate, the best of `trials` (the machine's rate, not its noise): the FLOP floor's."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
     sync(device)
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+    best = float("inf")
+    for _ in range(trials):
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 * reps / best / 1e9
 
 
 def sync(device: torch.device) -> None:
@@ -102,12 +114,53 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def flops_per_sample(model: nn.Module, batch: int = 10) -> float:
-    """Forward + backward FLOPs of one training sample, counted by PyTorch's FLOP counter."""
+def flops_per_sample(model: nn.Module, batch: int = 10, backward: bool = True) -> float:
+    """Forward (+ backward) FLOPs of one sample, counted by PyTorch's FLOP counter."""
     model = copy.deepcopy(model).cpu()
     with FlopCounterMode(display=False) as counter:
-        F.cross_entropy(model(torch.randn(batch, 1, 28, 28)), torch.zeros(batch, dtype=torch.int64)).backward()
+        loss = F.cross_entropy(model(torch.randn(batch, 1, 28, 28)), torch.zeros(batch, dtype=torch.int64))
+        if backward:
+            loss.backward()
     return counter.get_total_flops() / batch
+
+
+def round_flops(model: nn.Module, train_samples: int, test_samples: int) -> float:
+    """The arithmetic of one round: local training (forward + backward) and the forward over the test set."""
+    return train_samples * flops_per_sample(model) + test_samples * flops_per_sample(model, backward=False)
+
+
+def hand_loop(name: str, data, parts: list[torch.Tensor], rounds: int, init: nn.Module) -> list[dict]:
+    """The fastest plain FedAvg loop: batches indexed out of the data tensors, a deepcopy'd model and optim.SGD per
+    client, the weighted mean of state_dicts, evaluation in batches of 1,000."""
+    cfg = SETTINGS[name]
+    model, out = copy.deepcopy(init), []
+    x, y = data.train.x, data.train.y
+    for round_ in range(1, rounds + 1):
+        start = time.perf_counter()
+        states, sizes = [], []
+        for c in sample_clients(CLIENTS, int(CLIENTS * cfg["fraction"]), SEED, round_):
+            local = copy.deepcopy(model)
+            opt = torch.optim.SGD(local.parameters(), lr=cfg["lr"])
+            idx = parts[c]
+            batch = cfg["batch_size"] or len(idx)
+            for _ in range(cfg["local_epochs"]):
+                order = idx[torch.randperm(len(idx))]
+                for first in range(0, len(order), batch):
+                    chosen = order[first:first + batch]
+                    opt.zero_grad()
+                    F.cross_entropy(local(x[chosen]), y[chosen]).backward()
+                    opt.step()
+            states.append(local.state_dict())
+            sizes.append(len(idx))
+        model.load_state_dict({k: sum(s[k] * n for s, n in zip(states, sizes)) / sum(sizes) for k in states[0]})
+        trained = time.perf_counter()
+        correct = 0
+        with torch.no_grad():
+            for first in range(0, len(data.test), 1000):
+                correct += (model(data.test.x[first:first + 1000]).argmax(1) == data.test.y[first:first + 1000]).sum()
+        out.append(dict(train_s=trained - start, eval_s=time.perf_counter() - trained,
+                        accuracy=int(correct) / len(data.test)))
+    return out
 
 
 def reference_loop(name: str, root: Path, parts: list[torch.Tensor], rounds: int, init: nn.Module) -> list[dict]:
@@ -118,12 +171,13 @@ def reference_loop(name: str, root: Path, parts: list[torch.Tensor], rounds: int
     train = datasets.MNIST(str(root), train=True, download=False, transform=tf)
     test = datasets.MNIST(str(root), train=False, download=False, transform=tf)
     cfg = SETTINGS[name]
-    loaders = [DataLoader(Subset(train, p.tolist()), batch_size=cfg["batch_size"], shuffle=True) for p in parts]
+    loaders = [DataLoader(Subset(train, p.tolist()), batch_size=cfg["batch_size"] or len(p), shuffle=True)
+               for p in parts]
     model, out = copy.deepcopy(init), []
     for round_ in range(1, rounds + 1):
         start = time.perf_counter()
         states, sizes = [], []
-        for c in sample_clients(CLIENTS, int(CLIENTS * FRACTION), SEED, round_):
+        for c in sample_clients(CLIENTS, int(CLIENTS * cfg["fraction"]), SEED, round_):
             local = copy.deepcopy(model)
             opt = torch.optim.SGD(local.parameters(), lr=cfg["lr"])
             for _ in range(cfg["local_epochs"]):
@@ -157,12 +211,12 @@ class Timed:
         return out
 
 
-def codec_stage(spec: str, rounds: int):
+def codec_stage(spec: str, rounds: int, fraction: float):
     """The compression stage a --compression entry names (`quantize:8`, `topk:0.01`, `sign`), or None for none."""
     kind, _, value = spec.partition(":")
     if kind == "none":
         return None
-    plan = Plan(CLIENTS, CLIENTS * FRACTION, "fixed", rounds, SEED)
+    plan = Plan(CLIENTS, CLIENTS * fraction, "fixed", rounds, SEED)
     return CODECS[kind](plan, value)
 
 
@@ -175,8 +229,8 @@ def flexp_loop(name: str, engine_name: str, data, parts, rounds: int, init: nn.M
     engine = (ThreadEngine(make, data.train, spec, 2, device) if engine_name == "threads"
               else VectorizedEngine(make, data.train, spec, device=device, workers=2))
     timed = Timed(engine, device)
-    fl = FLConfig(CLIENTS, FRACTION, cfg["local_epochs"], cfg["batch_size"], cfg["lr"], rounds, 1, None, False)
-    stage = codec_stage(codec, rounds)
+    fl = FLConfig(CLIENTS, cfg["fraction"], cfg["local_epochs"], cfg["batch_size"], cfg["lr"], rounds, 1, None, False)
+    stage = codec_stage(codec, rounds, cfg["fraction"])
     algorithm = with_stages(FedAvg(), {"compression": stage} if stage else {})
     result = run_fedavg(copy.deepcopy(init).to(device), parts, data.test, fl, timed, SEED, strategy=algorithm)
     engine.close()
@@ -184,21 +238,22 @@ def flexp_loop(name: str, engine_name: str, data, parts, rounds: int, init: nn.M
             for t, r in zip(timed.times, result.history)]
 
 
-def summarise(model: str, variant: str, rounds: list[dict], warmup: int, samples: int, fps: float,
+def summarise(model: str, variant: str, rounds: list[dict], warmup: int, samples: int, flops: float,
               roof: float, rss: float) -> Row:
+    """Medians over the measured rounds; GFLOP/s and the floor over the whole round (training and evaluation)."""
     measured = rounds[warmup:]
     train_s = statistics.median(r["train_s"] for r in measured)
     eval_s = statistics.median(r["eval_s"] for r in measured)
     round_s = statistics.median(r["train_s"] + r["eval_s"] for r in measured)
-    gflops = samples / train_s * fps / 1e9
-    return Row(model, variant, round_s, train_s, eval_s, samples / train_s, gflops, 100 * gflops / roof, rss,
-               [round(r["accuracy"], 4) for r in rounds])
+    floor_s = flops / (roof * 1e9)
+    return Row(model, variant, round_s, train_s, eval_s, samples / train_s, flops / round_s / 1e9, floor_s,
+               100 * floor_s / round_s, rss, [round(r["accuracy"], 4) for r in rounds])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="2nn,cnn")
-    parser.add_argument("--variants", default="reference,threads,vectorized")
+    parser.add_argument("--models", default="2nn,cnn", help=f"comma-separated, of {', '.join(SETTINGS)}")
+    parser.add_argument("--variants", default="reference,hand,threads,vectorized")
     parser.add_argument("--rounds", type=int, default=5, help="measured rounds (after --warmup)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cpu")
@@ -216,22 +271,26 @@ def main() -> None:
     print(f"matmul fp32 roofline: {roof:.1f} GFLOP/s on {device} ({torch.get_num_threads()} threads)", flush=True)
     rows, total = [], args.rounds + args.warmup
     for name in args.models.split(","):
-        torch.manual_seed(SEED)
-        init = build_model(name, (1, 28, 28), 10)
-        fps = flops_per_sample(init)
         cfg = SETTINGS[name]
-        samples = int(CLIENTS * FRACTION) * 600 * cfg["local_epochs"]
+        torch.manual_seed(SEED)
+        init = build_model(cfg["model"], (1, 28, 28), 10)
+        samples = int(CLIENTS * cfg["fraction"]) * 600 * cfg["local_epochs"]
+        flops = round_flops(init, samples, len(data.test))
         best: dict[str, Row] = {}
         for _ in range(args.repeat):
             for variant, codec in variants(args):
                 if variant == "reference" and device.type != "cpu":
                     continue
                 with PeakRSS() as rss:
-                    rounds = (reference_loop(name, root, cpu_parts, total, init) if variant == "reference" else
-                              flexp_loop(name, variant, data.to(device), cpu_parts, total, init.to(device), device,
-                                         codec))
+                    if variant == "reference":
+                        rounds = reference_loop(name, root, cpu_parts, total, init)
+                    elif variant == "hand":
+                        rounds = hand_loop(name, data.to(device), cpu_parts, total, init.to(device))
+                    else:
+                        rounds = flexp_loop(name, variant, data.to(device), cpu_parts, total, init.to(device), device,
+                                            codec)
                 label = variant if codec == "none" else f"{variant}+{codec}"
-                row = summarise(name, label, rounds, args.warmup, samples, fps, roof, rss.peak)
+                row = summarise(name, label, rounds, args.warmup, samples, flops, roof, rss.peak)
                 print(f"  {name} {label}: {row.round_s:.3f} s/round, acc {row.accuracy}", flush=True)
                 if label not in best or row.round_s < best[label].round_s:
                     best[label] = row
@@ -248,17 +307,17 @@ def variants(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def print_table(rows: list[Row], roof: float) -> None:
-    ref = {r.model: r.round_s for r in rows if r.variant == "reference"}
-    head = f"{'model':5} {'variant':10} {'round s':>8} {'train s':>8} {'eval s':>7} {'speedup':>8} " \
-           f"{'samples/s':>10} {'GFLOP/s':>8} {'% roof':>7} {'peak RSS MiB':>12} {'final acc':>9}"
+    hand = {r.model: r.round_s for r in rows if r.variant == "hand"}
+    head = f"{'model':10} {'variant':10} {'round s':>8} {'train s':>8} {'eval s':>7} {'vs hand':>8} " \
+           f"{'samples/s':>10} {'GFLOP/s':>8} {'floor s':>8} {'% floor':>8} {'peak RSS MiB':>12} {'final acc':>9}"
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
-        speed = f"{ref[r.model] / r.round_s:.1f}x" if r.model in ref else "-"
-        print(f"{r.model:5} {r.variant:10} {r.round_s:8.3f} {r.train_s:8.3f} {r.eval_s:7.3f} {speed:>8} "
-              f"{r.samples_per_s:10.0f} {r.gflops:8.1f} {r.roofline_pct:6.0f}% {r.peak_rss_mib:12.0f} "
+        speed = f"{hand[r.model] / r.round_s:.2f}x" if r.model in hand else "-"
+        print(f"{r.model:10} {r.variant:10} {r.round_s:8.3f} {r.train_s:8.3f} {r.eval_s:7.3f} {speed:>8} "
+              f"{r.samples_per_s:10.0f} {r.gflops:8.1f} {r.floor_s:8.3f} {r.floor_pct:7.0f}% {r.peak_rss_mib:12.0f} "
               f"{r.accuracy[-1]:9.4f}")
-    print(f"(roofline: fp32 2048^3 matmul, {roof:.1f} GFLOP/s; speedup: reference round s / round s; "
-          "GFLOP/s over local training only)")
+    print(f"(floor: the round's FLOPs at the fp32 2048^3 matmul rate measured now, {roof:.1f} GFLOP/s; vs hand: the "
+          "hand loop's round s / round s; GFLOP/s and samples/s: the whole round and local training)")
     base = {(r.model, r.variant): r.round_s for r in rows if "+" not in r.variant}
     for r in rows:
         if "+" in r.variant and (r.model, r.variant.split("+")[0]) in base:
@@ -280,7 +339,7 @@ def write_json(rows: list[Row], roof: float, args: argparse.Namespace) -> None:
     path = out / f"rounds-{time.strftime('%Y%m%d-%H%M%S')}.json"
     meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
                 machine=platform.machine(), device=args.device, rounds=args.rounds, warmup=args.warmup,
-                clients=CLIENTS, fraction=FRACTION, settings=SETTINGS, roofline_gflops=roof,
+                clients=CLIENTS, settings=SETTINGS, roofline_gflops=roof,
                 compression=args.compression, repeat=args.repeat, cpu=cpu_model())
     path.write_text(json.dumps(dict(meta=meta, rows=[asdict(r) for r in rows]), indent=2))
     print(f"wrote {path}")

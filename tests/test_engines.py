@@ -96,6 +96,31 @@ def test_vectorized_equals_threads_over_rounds_in_float64(mnist_small, model_nam
         torch.set_default_dtype(default)
 
 
+def test_full_batch_rounds_keep_each_clients_data_and_follow_new_data(mnist_small):
+    """B=inf on the MLP kernel: a client's data is copied out once and reused while its indices stay the same, and
+    three rounds of E=2 full-batch steps agree with threads to float64 rounding."""
+    from flexp.client import ClientTask
+    from flexp.engine.vectorized import FullBatches
+
+    x, y = mnist_small.train.x.reshape(len(mnist_small.train), -1), mnist_small.train.y
+    kept, gathered = FullBatches(x, y, x.numel() * x.element_size()), FullBatches(x, y, 0)
+    first, moved = ClientTask(2, torch.arange(10, 40), 1), ClientTask(2, torch.arange(50, 95), 2)
+    for batches in (kept, gathered):
+        for task in (first, first, moved, moved):
+            xs, ys = batches.client(task)
+            assert torch.equal(xs, x[task.indices]) and torch.equal(ys, y[task.indices])
+    assert kept.client(moved)[0] is kept.client(moved)[0] and kept.used == 45 * x.shape[1] * x.element_size()
+    assert gathered.client(moved)[0] is not gathered.client(moved)[0] and not gathered.kept
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        data = Dataset("mnist", Split(mnist_small.train.x.double(), mnist_small.train.y),
+                       Split(mnist_small.test.x[:100].double(), mnist_small.test.y[:100]), mnist_small.input_shape, 10)
+        _compare(data, "2nn", "shards", None, epochs=2, rounds=3)
+    finally:
+        torch.set_default_dtype(default)
+
+
 def test_lockstep_plan_masks_short_clients_and_partial_batches():
     from flexp.client import ClientTask
 

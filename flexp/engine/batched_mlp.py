@@ -85,6 +85,10 @@ class BatchedMLP:
             offset += out_f
         return cls(weights, biases)
 
+    def row(self, k: int) -> BatchedMLP:
+        """Client k alone, as views of this one's tensors (its steps update them in place)."""
+        return BatchedMLP([w[k:k + 1] for w in self.weights], [b[k:k + 1] for b in self.biases])
+
     def flat(self) -> torch.Tensor:
         """[m, P] parameter vectors in PyTorch's order."""
         m = self.weights[0].shape[0]

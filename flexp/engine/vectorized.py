@@ -1,7 +1,9 @@
 """Sampled clients train in lockstep as one batched functional model (torch.func: functional_call + vmap + grad).
 
 Each client keeps its own batch order (client.epoch_orders); a per-sample mask pads short clients and partial
-last batches, so every client does exactly the SGD steps it would do alone.
+last batches, so every client does exactly the SGD steps it would do alone. With B=inf on the MLP kernel a client's
+step is its whole data, kept contiguous between rounds (FullBatches) instead of gathered, one client at a time (a
+full batch is a GEMM large enough alone).
 """
 
 from __future__ import annotations
@@ -65,6 +67,29 @@ def lockstep_plan(tasks: Sequence[ClientTask], spec: LocalSpec) -> Lockstep:
     return Lockstep(grid.clamp_min(0), mask)
 
 
+class FullBatches:
+    """Each client's whole data [n_k, ...] (inputs and labels) as contiguous copies, kept between rounds, so a B=inf
+    step stacks them instead of gathering samples. A client's samples stay in the order its task lists them: the
+    full-batch gradient is the same sum in any order, up to rounding. At most `limit` bytes are kept (a second copy
+    of the training split); clients beyond that are gathered every round."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, limit: int) -> None:
+        self.x, self.y, self.limit, self.used = x, y, limit, 0
+        self.kept: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def client(self, task: ClientTask) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, labels) of the task's samples, contiguous."""
+        hit = self.kept.get(task.client)
+        if hit is not None and torch.equal(hit[0], task.indices):
+            return hit[1], hit[2]
+        index = task.indices.to(self.x.device)
+        x, y = self.x[index], self.y[index]
+        size = x.numel() * x.element_size() - (hit[1].numel() * hit[1].element_size() if hit else 0)
+        if self.used + size <= self.limit:
+            self.kept[task.client], self.used = (task.indices.clone(), x, y), self.used + size
+        return x, y
+
+
 def stacked_messages(tasks: Sequence[ClientTask], device: torch.device) -> dict[str, torch.Tensor]:
     """The clients' messages as one dict of [m, ...] tensors (every client gets the same keys and shapes)."""
     keys = tasks[0].message.keys()
@@ -105,6 +130,8 @@ class VectorizedEngine:
         self.per_client_why = per_client_why(self.model, train.x[:2])
         self.per_client = ThreadEngine(make_model, train, spec, workers, device, task_loss) \
             if self.per_client_why else None
+        limit = self.flat_x.numel() * self.flat_x.element_size()
+        self.full = FullBatches(self.flat_x, train.y, limit) if self.layers and spec.batch_size is None else None
         self.last_path: EnginePath | None = None  # kernel, vmap or per-client: the path the last round took
 
     def uses_kernel(self, algorithm: Algorithm) -> bool:
@@ -148,13 +175,25 @@ class VectorizedEngine:
             return algorithm.gradient(Batch(x, y, mask, forward, self.task_loss), params, cstate)
         return hooked
 
-    def _train_mlp(self, global_params: torch.Tensor, plan: Lockstep, clients: int, algorithm: Algorithm,
+    def _train_mlp(self, global_params: torch.Tensor, tasks: Sequence[ClientTask], algorithm: Algorithm,
                    messages: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        clients = len(tasks)
         net = BatchedMLP.from_flat(global_params, self.layers, clients)
         mu, anchor, correction, label_maps = batched_mlp.terms(algorithm, messages)
         anchor = BatchedMLP.from_flat(global_params, self.layers, clients) if anchor else None
         correction = BatchedMLP.from_rows(correction, self.layers) if correction is not None else None
         loss_sum = torch.zeros(clients, device=self.device, dtype=self.dtype)
+        if self.full is not None:
+            for k, task in enumerate(tasks):
+                x, y = self.full.client(task)
+                y = y if label_maps is None else label_maps[k][y]
+                rows = [None if part is None else part.row(k) for part in (net, anchor, correction)]
+                mask = torch.ones((1, len(y)), device=self.device, dtype=self.dtype)
+                for _ in range(task.local_epochs(self.spec)):
+                    interrupt.check()
+                    loss_sum[k] += rows[0].step(x[None], y[None], mask, self.spec.lr, mu, rows[1], rows[2])[0] * len(y)
+            return net.flat(), loss_sum, {}
+        plan = lockstep_plan(tasks, self.spec).to(self.device, self.dtype)
         for idx, mask in zip(plan.indices, plan.mask):
             interrupt.check()
             y = self.train.y[idx]
@@ -191,12 +230,12 @@ class VectorizedEngine:
 
     def _train_group(self, global_params: torch.Tensor, tasks: Sequence[ClientTask], algorithm: Algorithm,
                      state: State) -> list[ClientResult]:
-        plan = lockstep_plan(tasks, self.spec).to(self.device, self.dtype)
         messages = stacked_messages(tasks, self.device)
         if self.uses_kernel(algorithm):
             with torch.no_grad():
-                flat, loss_sum, extra = self._train_mlp(global_params, plan, len(tasks), algorithm, messages)
+                flat, loss_sum, extra = self._train_mlp(global_params, tasks, algorithm, messages)
         else:
+            plan = lockstep_plan(tasks, self.spec).to(self.device, self.dtype)
             flat, loss_sum, extra = self._train_vmap(global_params, plan, len(tasks), algorithm, messages, state)
         sizes = [len(task.indices) for task in tasks]
         epochs = [task.local_epochs(self.spec) for task in tasks]
