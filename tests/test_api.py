@@ -164,7 +164,7 @@ def test_a_round_that_takes_another_path_is_a_warning_and_retags_the_run(caplog)
     caplog.set_level(logging.INFO, logger="flexp")
     tracker = _execute(["fl.rounds=3"], algorithm=TurnsGeneric())
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == ["round 2: the engine took another path: vmap (torch.func: the batched MLP kernel does not "
-                        "implement TurnsGeneric's client side) (until then: kernel (batched MLP kernel))"]
-    assert tracker.tags["flexp.engine_path"] == "kernel (batched MLP kernel); from round 2: vmap (torch.func: the " \
-                                                "batched MLP kernel does not implement TurnsGeneric's client side)"
+    generic = "vmap (torch.func: the batched MLP kernel does not implement TurnsGeneric's client side: it declares " \
+              "no StepTerms)"
+    assert warnings == [f"round 2: the engine took another path: {generic} (until then: kernel (batched MLP kernel))"]
+    assert tracker.tags["flexp.engine_path"] == f"kernel (batched MLP kernel); from round 2: {generic}"

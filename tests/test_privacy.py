@@ -152,7 +152,8 @@ def test_dp_sgd_without_noise_and_with_a_huge_clip_is_plain_local_sgd():
 def test_a_dp_sgd_run_says_whose_client_side_takes_the_generic_path():
     tracker = _execute(["fl.rounds=1", "privacy=dp_sgd", "privacy.noise_multiplier=1.1"])
     assert " fedavg dp_sgd z1.1 " in tracker.run_name
-    assert tracker.tags["flexp.engine_path"].endswith("does not implement DPSGD (around FedAvg)'s client side)")
+    assert tracker.tags["flexp.engine_path"].endswith("does not implement DPSGD (around FedAvg)'s client side: it "
+                                                      "declares no StepTerms)")
 
 
 def test_without_privacy_the_algorithm_is_not_wrapped():
