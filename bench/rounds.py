@@ -22,6 +22,7 @@ import platform
 import statistics
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -129,38 +130,50 @@ def round_flops(model: nn.Module, train_samples: int, test_samples: int) -> floa
     return train_samples * flops_per_sample(model) + test_samples * flops_per_sample(model, backward=False)
 
 
-def hand_loop(name: str, data, parts: list[torch.Tensor], rounds: int, init: nn.Module) -> list[dict]:
-    """The fastest plain FedAvg loop: batches indexed out of the data tensors, a deepcopy'd model and optim.SGD per
-    client, the weighted mean of state_dicts, evaluation in batches of 1,000."""
+def plain_fedavg(name: str, rounds: int, init: nn.Module, sizes: list[int],
+                 batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+                 test_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]) -> list[dict]:
+    """FedAvg as users write it by hand: per sampled client a deepcopy'd model and optim.SGD over `batches(c)` (one
+    epoch's (x, y) batches), the n_k-weighted mean of the state_dicts, then the accuracy over `test_batches()`."""
     cfg = SETTINGS[name]
     model, out = copy.deepcopy(init), []
-    x, y = data.train.x, data.train.y
     for round_ in range(1, rounds + 1):
         start = time.perf_counter()
-        states, sizes = [], []
-        for c in sample_clients(CLIENTS, int(CLIENTS * cfg["fraction"]), SEED, round_):
+        states, chosen = [], sample_clients(CLIENTS, int(CLIENTS * cfg["fraction"]), SEED, round_)
+        for c in chosen:
             local = copy.deepcopy(model)
             opt = torch.optim.SGD(local.parameters(), lr=cfg["lr"])
-            idx = parts[c]
-            batch = cfg["batch_size"] or len(idx)
             for _ in range(cfg["local_epochs"]):
-                order = idx[torch.randperm(len(idx))]
-                for first in range(0, len(order), batch):
-                    chosen = order[first:first + batch]
+                for x, y in batches(c):
                     opt.zero_grad()
-                    F.cross_entropy(local(x[chosen]), y[chosen]).backward()
+                    F.cross_entropy(local(x), y).backward()
                     opt.step()
             states.append(local.state_dict())
-            sizes.append(len(idx))
-        model.load_state_dict({k: sum(s[k] * n for s, n in zip(states, sizes)) / sum(sizes) for k in states[0]})
+        n = [sizes[c] for c in chosen]
+        model.load_state_dict({k: sum(s[k] * m for s, m in zip(states, n)) / sum(n) for k in states[0]})
         trained = time.perf_counter()
-        correct = 0
+        correct = total = 0
         with torch.no_grad():
-            for first in range(0, len(data.test), 1000):
-                correct += (model(data.test.x[first:first + 1000]).argmax(1) == data.test.y[first:first + 1000]).sum()
-        out.append(dict(train_s=trained - start, eval_s=time.perf_counter() - trained,
-                        accuracy=int(correct) / len(data.test)))
+            for x, y in test_batches():
+                correct, total = correct + int((model(x).argmax(1) == y).sum()), total + len(y)
+        out.append(dict(train_s=trained - start, eval_s=time.perf_counter() - trained, accuracy=correct / total))
     return out
+
+
+def hand_loop(name: str, data, parts: list[torch.Tensor], rounds: int, init: nn.Module) -> list[dict]:
+    """The fastest plain loop: batches indexed out of the data tensors in a shuffled order each epoch."""
+    batch = SETTINGS[name]["batch_size"]
+
+    def batches(c: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        order = parts[c][torch.randperm(len(parts[c]))]
+        for first in range(0, len(order), batch or len(order)):
+            chosen = order[first:first + (batch or len(order))]
+            yield data.train.x[chosen], data.train.y[chosen]
+
+    def test_batches() -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        return ((data.test.x[i:i + 1000], data.test.y[i:i + 1000]) for i in range(0, len(data.test), 1000))
+
+    return plain_fedavg(name, rounds, init, [len(p) for p in parts], batches, test_batches)
 
 
 def reference_loop(name: str, root: Path, parts: list[torch.Tensor], rounds: int, init: nn.Module) -> list[dict]:
@@ -170,31 +183,10 @@ def reference_loop(name: str, root: Path, parts: list[torch.Tensor], rounds: int
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
     train = datasets.MNIST(str(root), train=True, download=False, transform=tf)
     test = datasets.MNIST(str(root), train=False, download=False, transform=tf)
-    cfg = SETTINGS[name]
-    loaders = [DataLoader(Subset(train, p.tolist()), batch_size=cfg["batch_size"] or len(p), shuffle=True)
-               for p in parts]
-    model, out = copy.deepcopy(init), []
-    for round_ in range(1, rounds + 1):
-        start = time.perf_counter()
-        states, sizes = [], []
-        for c in sample_clients(CLIENTS, int(CLIENTS * cfg["fraction"]), SEED, round_):
-            local = copy.deepcopy(model)
-            opt = torch.optim.SGD(local.parameters(), lr=cfg["lr"])
-            for _ in range(cfg["local_epochs"]):
-                for x, y in loaders[c]:
-                    opt.zero_grad()
-                    F.cross_entropy(local(x), y).backward()
-                    opt.step()
-            states.append(local.state_dict())
-            sizes.append(len(loaders[c].dataset))
-        model.load_state_dict({k: sum(s[k] * n for s, n in zip(states, sizes)) / sum(sizes) for k in states[0]})
-        trained = time.perf_counter()
-        correct = 0
-        with torch.no_grad():
-            for x, y in DataLoader(test, batch_size=1000):
-                correct += (model(x).argmax(1) == y).sum().item()
-        out.append(dict(train_s=trained - start, eval_s=time.perf_counter() - trained, accuracy=correct / len(test)))
-    return out
+    batch = SETTINGS[name]["batch_size"]
+    loaders = [DataLoader(Subset(train, p.tolist()), batch_size=batch or len(p), shuffle=True) for p in parts]
+    return plain_fedavg(name, rounds, init, [len(p) for p in parts], lambda c: loaders[c],
+                        lambda: DataLoader(test, batch_size=1000))
 
 
 class Timed:
