@@ -80,6 +80,10 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/bench")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds a peer may take")
     args = parser.parse_args()
+    if args.peers and not Path(args.peer_python).exists():
+        parser.error(f"--peer-python {args.peer_python}: no such file; make the peers' venv with `python -m venv "
+                     "bench/peers/.venv && bench/peers/.venv/bin/pip install -r bench/peers/requirements.txt`, or "
+                     "pass --peers '' to run flexp and the hand loop only")
     data = load_mnist_dataset(DatasetConfig(name="mnist", root=Path(args.root).expanduser()), log=lambda s: None)
     parts = iid(len(data.train), CLIENTS, SEED)
     roof = matmul_gflops(torch.device("cpu"))
@@ -93,7 +97,14 @@ def main() -> None:
         floor = round_flops(init, samples, len(data.test)) / roof / 1e9
         for who, run in contenders(name, data, parts, init, args, out).items():
             print(f"{name}: {who} ...", flush=True)
-            rounds = [dict(r, round_s=r.get("round_s", r["train_s"] + r["eval_s"])) for r in run()]
+            try:
+                rounds = [dict(r, round_s=r.get("round_s", r["train_s"] + r["eval_s"])) for r in run()]
+            except subprocess.CalledProcessError as err:
+                print(f"  {who} failed (exit {err.returncode}; its output is above): left out of the table", flush=True)
+                continue
+            except subprocess.TimeoutExpired:
+                print(f"  {who} ran past --timeout {args.timeout} s: left out of the table", flush=True)
+                continue
             measured = rounds[1:] or rounds
             rows.append(dict(model=name, who=who, round_s=statistics.median(r["round_s"] for r in measured),
                              eval_s=statistics.median(r["eval_s"] for r in measured), floor_s=floor,
