@@ -36,6 +36,11 @@ from flexp.partition import iid  # noqa: E402
 
 CLIENTS, SEED = 100, 0
 PEERS = {"pfl": "pfl_round.py", "flower": "flower_round.py"}
+NAMES = {"pfl": "pfl-research", "flower": "Flower"}
+
+
+class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and each option's default."""
 
 
 def export(name: str, data, parts: list[torch.Tensor], init: torch.nn.Module, rounds: int, path: Path) -> None:
@@ -71,13 +76,16 @@ def contenders(name: str, data, parts: list[torch.Tensor], init: torch.nn.Module
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="2nn,cnn")
-    parser.add_argument("--rounds", type=int, default=4, help="rounds each, the first a warm-up")
-    parser.add_argument("--peers", default="pfl,flower")
-    parser.add_argument("--peer-python", default="bench/peers/.venv/bin/python")
-    parser.add_argument("--root", default=os.environ.get("FLEXP_DATA", "~/.cache/flexp"))
-    parser.add_argument("--out", default="outputs/bench")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
+    parser.add_argument("--models", default="2nn,cnn", help=f"comma-separated, of {', '.join(SETTINGS)}")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds each; the first is a warm-up, the table gives "
+                        "the median of the rest")
+    parser.add_argument("--peers", default="pfl,flower", help=f"comma-separated, of {', '.join(PEERS)}; '' for none")
+    parser.add_argument("--peer-python", default=str(Path(__file__).parent / "peers" / ".venv" / "bin" / "python"),
+                        help="the python of the peers' venv (bench/peers/requirements.txt)")
+    parser.add_argument("--root", default=os.environ.get("FLEXP_DATA", "~/.cache/flexp"), help="MNIST's data root")
+    parser.add_argument("--out", default="outputs/bench", help="where the JSON goes (and the data the peers read, "
+                        "under peers/: ~220 MB a model)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds a peer may take")
     args = parser.parse_args()
     if args.peers and not Path(args.peer_python).exists():
@@ -123,7 +131,8 @@ def print_table(rows: list[dict], roof: float) -> None:
     print("\n| model | contender | s/round | vs flexp | eval s | % of the FLOP floor | accuracy, round 1 / last |")
     print("|---|---|---:|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['who']} | {r['round_s']:.3f} | {r['round_s'] / flexp[r['model']]:.2f}x | "
+        print(f"| {r['model']} | {NAMES.get(r['who'], r['who'])} | {r['round_s']:.3f} | "
+              f"{r['round_s'] / flexp[r['model']]:.2f}x | "
               f"{r['eval_s']:.3f} | {100 * r['floor_s'] / r['round_s']:.0f}% | "
               f"{r['accuracy'][0]} / {r['accuracy'][-1]} |")
     print(f"(floor: the round's FLOPs at the fp32 matmul rate measured now, {roof:.1f} GFLOP/s)")

@@ -39,8 +39,9 @@ _DATA: dict[str, dict[str, Any]] = {}  # per process: the exported file's conten
 
 
 def quiet() -> None:
-    """Keep Flower's logging to warnings and errors, and drop Ray's tip about GPU env vars (there are none)."""
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    """Keep Flower's logging to errors (its warning that start_simulation is deprecated says nothing about the
+    benchmark), and drop Ray's tip about GPU env vars (there are none)."""
+    logging.getLogger("flwr").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
 
 
