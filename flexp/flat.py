@@ -77,10 +77,6 @@ class Replica:
         """The model's output on `x` with `params` for its trainable weights (the `gradient` hook's forward)."""
         return torch.func.functional_call(self.module, params, (x,))
 
-    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """Views of a flat vector shaped like each parameter."""
-        return [part.view(p.shape) for part, p in zip(flat.split([p.numel() for p in self.params]), self.params)]
-
     def flat(self) -> torch.Tensor:
         """The current parameters as a new flat vector in PyTorch's order."""
         return flat_parameters(self.module)

@@ -69,7 +69,7 @@ def lockstep_plan(tasks: Sequence[ClientTask], spec: LocalSpec) -> Lockstep:
 
 class FullBatches:
     """Each client's whole data [n_k, ...] (inputs and labels) as contiguous copies, kept between rounds, so a B=inf
-    step stacks them instead of gathering samples. A client's samples stay in the order its task lists them: the
+    step reads them in place instead of gathering samples. A client's samples stay in the order its task lists them: the
     full-batch gradient is the same sum in any order, up to rounding. At most `limit` bytes are kept (a second copy
     of the training split); clients beyond that are gathered every round."""
 
@@ -82,9 +82,12 @@ class FullBatches:
         hit = self.kept.get(task.client)
         if hit is not None and torch.equal(hit[0], task.indices):
             return hit[1], hit[2]
+        if hit is not None:  # the client's data changed: its old copy goes
+            del self.kept[task.client]
+            self.used -= hit[1].numel() * hit[1].element_size()
         index = task.indices.to(self.x.device)
         x, y = self.x[index], self.y[index]
-        size = x.numel() * x.element_size() - (hit[1].numel() * hit[1].element_size() if hit else 0)
+        size = x.numel() * x.element_size()
         if self.used + size <= self.limit:
             self.kept[task.client], self.used = (task.indices.clone(), x, y), self.used + size
         return x, y
