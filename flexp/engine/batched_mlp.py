@@ -61,7 +61,8 @@ def terms(algorithm: Algorithm, messages: Mapping[str, torch.Tensor]) -> tuple[
 
 
 class BatchedMLP:
-    """Per-client transposed weights [m, in, out] and biases [m, out]; `step` does one masked SGD step for all."""
+    """Per-client weights [m, out, in] (PyTorch's layout, so copies in and out are plain) and biases [m, out];
+    `step` does one masked SGD step for all."""
 
     def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> None:
         self.weights, self.biases = weights, biases
@@ -80,21 +81,27 @@ class BatchedMLP:
             out_f, in_f = layer.weight.shape
             w = rows[:, offset:offset + out_f * in_f].reshape(clients, out_f, in_f)
             offset += out_f * in_f
-            weights.append(w.transpose(1, 2).contiguous())
-            biases.append(rows[:, offset:offset + out_f].clone())
+            weights.append(w.clone(memory_format=torch.contiguous_format))
+            biases.append(rows[:, offset:offset + out_f].clone(memory_format=torch.contiguous_format))
             offset += out_f
         return cls(weights, biases)
 
-    def row(self, k: int) -> BatchedMLP:
-        """Client k alone, as views of this one's tensors (its steps update them in place)."""
-        return BatchedMLP([w[k:k + 1] for w in self.weights], [b[k:k + 1] for b in self.biases])
+    def load_(self, flat: torch.Tensor) -> BatchedMLP:
+        """Copy one flat parameter vector (PyTorch's order) into every client's tensors, in place."""
+        offset = 0
+        for w, b in zip(self.weights, self.biases):
+            for t in (w, b):
+                size = t[0].numel()
+                t.copy_(flat[offset:offset + size].view(t.shape[1:]))
+                offset += size
+        return self
 
     def flat(self) -> torch.Tensor:
         """[m, P] parameter vectors in PyTorch's order."""
         m = self.weights[0].shape[0]
         parts = []
         for w, b in zip(self.weights, self.biases):
-            parts += [w.transpose(1, 2).reshape(m, -1), b]
+            parts += [w.reshape(m, -1), b]
         return torch.cat(parts, dim=1)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, lr: float, mu: float = 0.0,
@@ -104,7 +111,7 @@ class BatchedMLP:
         last = len(self.weights) - 1
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             inputs.append(h)
-            h = torch.baddbmm(b.unsqueeze(1), h, w)
+            h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
             if i < last:
                 h = h.relu_()
         log_probs = F.log_softmax(h, dim=-1)
@@ -117,14 +124,20 @@ class BatchedMLP:
             prox_w = [(w - a) * (active * mu).view(-1, 1, 1) for w, a in zip(self.weights, anchor.weights)]
             prox_b = [(b - a) * (active * mu).view(-1, 1) for b, a in zip(self.biases, anchor.biases)]
         for i in range(last, -1, -1):
-            grad_in = torch.bmm(grad, self.weights[i].transpose(1, 2)).mul_(inputs[i] > 0) if i > 0 else None
+            grad_in = relu_backward(torch.bmm(grad, self.weights[i]), inputs[i]) if i > 0 else None
             if mu and anchor is not None:
                 self.weights[i].sub_(prox_w[i], alpha=lr)
                 self.biases[i].sub_(prox_b[i], alpha=lr)
             if correction is not None:  # SCAFFOLD: c - c_i
                 self.weights[i].sub_(correction.weights[i] * active.view(-1, 1, 1), alpha=lr)
                 self.biases[i].sub_(correction.biases[i] * active.view(-1, 1), alpha=lr)
-            self.weights[i].baddbmm_(inputs[i].transpose(1, 2), grad, alpha=-lr)
+            self.weights[i].baddbmm_(grad.transpose(1, 2), inputs[i], alpha=-lr)
             self.biases[i].sub_(grad.sum(1), alpha=lr)
             grad = grad_in
         return losses
+
+
+def relu_backward(grad: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """The gradient through a ReLU from its output: zero where the output is; one fused op (a multiply by the
+    mask `output > 0` costs ~10x more, in the bool-to-float conversion)."""
+    return torch.ops.aten.threshold_backward(grad, output, 0)

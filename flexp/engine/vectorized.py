@@ -179,23 +179,15 @@ class VectorizedEngine:
         return hooked
 
     def _train_mlp(self, global_params: torch.Tensor, tasks: Sequence[ClientTask], algorithm: Algorithm,
-                   messages: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                   messages: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor, dict]:
         clients = len(tasks)
-        net = BatchedMLP.from_flat(global_params, self.layers, clients)
         mu, anchor, correction, label_maps = batched_mlp.terms(algorithm, messages)
+        if self.full is not None:
+            return self._train_full(global_params, tasks, mu, anchor, correction, label_maps)
+        net = BatchedMLP.from_flat(global_params, self.layers, clients)
         anchor = BatchedMLP.from_flat(global_params, self.layers, clients) if anchor else None
         correction = BatchedMLP.from_rows(correction, self.layers) if correction is not None else None
         loss_sum = torch.zeros(clients, device=self.device, dtype=self.dtype)
-        if self.full is not None:
-            for k, task in enumerate(tasks):
-                x, y = self.full.client(task)
-                y = y if label_maps is None else label_maps[k][y]
-                rows = [None if part is None else part.row(k) for part in (net, anchor, correction)]
-                mask = torch.ones((1, len(y)), device=self.device, dtype=self.dtype)
-                for _ in range(task.local_epochs(self.spec)):
-                    interrupt.check()
-                    loss_sum[k] += rows[0].step(x[None], y[None], mask, self.spec.lr, mu, rows[1], rows[2])[0] * len(y)
-            return net.flat(), loss_sum, {}
         plan = lockstep_plan(tasks, self.spec).to(self.device, self.dtype)
         for idx, mask in zip(plan.indices, plan.mask):
             interrupt.check()
@@ -203,7 +195,28 @@ class VectorizedEngine:
             y = y if label_maps is None else torch.gather(label_maps, 1, y)
             losses = net.step(self.flat_x[idx], y, mask, self.spec.lr, mu, anchor, correction)
             loss_sum += losses * mask.sum(1)
-        return net.flat(), loss_sum, {}
+        return owned_rows(net.flat()), loss_sum, {}
+
+    def _train_full(self, global_params: torch.Tensor, tasks: Sequence[ClientTask], mu: float, anchor: bool,
+                    correction: torch.Tensor | None,
+                    label_maps: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor, dict]:
+        """B=inf: one client at a time on its whole data in place, each starting from the global weights copied
+        into the same working tensors (fresh memory costs a page fault per 4 KiB written)."""
+        rows, loss_sum = [], torch.zeros(len(tasks), device=self.device, dtype=self.dtype)
+        start = BatchedMLP.from_flat(global_params, self.layers, 1) if anchor else None  # read only
+        net = BatchedMLP.from_flat(global_params, self.layers, 1)
+        for k, task in enumerate(tasks):
+            x, y = self.full.client(task)
+            y = y if label_maps is None else label_maps[k][y]
+            if k:
+                net.load_(global_params)
+            fix = BatchedMLP.from_rows(correction[k:k + 1], self.layers) if correction is not None else None
+            mask = torch.ones((1, len(y)), device=self.device, dtype=self.dtype)
+            for _ in range(task.local_epochs(self.spec)):
+                interrupt.check()
+                loss_sum[k] += net.step(x[None], y[None], mask, self.spec.lr, mu, start, fix)[0] * len(y)
+            rows.append(net.flat()[0])
+        return rows, loss_sum, {}
 
     def _per_parameter(self, rows: torch.Tensor) -> list[torch.Tensor]:
         """[m, P] flat rows as a list of [m, *shape] views, one per parameter."""
@@ -212,7 +225,7 @@ class VectorizedEngine:
 
     def _train_vmap(self, global_params: torch.Tensor, plan: Lockstep, clients: int, algorithm: Algorithm,
                     messages: dict[str, torch.Tensor],
-                    state: State) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                    state: State) -> tuple[list[torch.Tensor], torch.Tensor, dict]:
         tensors = [t.clone() for t in self._per_parameter(global_params.expand(clients, -1))]
         start = params = dict(zip(self.names, tensors))
         frozen = dict(state)  # models with buffers train per client: what remains are frozen parameters
@@ -229,21 +242,21 @@ class VectorizedEngine:
             loss_sum += losses.detach() * mask.sum(1)
         extra = vmap(algorithm.client_final)(start, params, cstate) if has_final(algorithm) else {}
         flat = torch.cat([params[name].detach().reshape(clients, -1) for name in self.names], dim=1)
-        return flat, loss_sum, {k: v.detach() for k, v in extra.items()}
+        return owned_rows(flat), loss_sum, {k: v.detach() for k, v in extra.items()}
 
     def _train_group(self, global_params: torch.Tensor, tasks: Sequence[ClientTask], algorithm: Algorithm,
                      state: State) -> list[ClientResult]:
         messages = stacked_messages(tasks, self.device)
         if self.uses_kernel(algorithm):
             with torch.no_grad():
-                flat, loss_sum, extra = self._train_mlp(global_params, tasks, algorithm, messages)
+                rows, loss_sum, extra = self._train_mlp(global_params, tasks, algorithm, messages)
         else:
             plan = lockstep_plan(tasks, self.spec).to(self.device, self.dtype)
-            flat, loss_sum, extra = self._train_vmap(global_params, plan, len(tasks), algorithm, messages, state)
+            rows, loss_sum, extra = self._train_vmap(global_params, plan, len(tasks), algorithm, messages, state)
         sizes = [len(task.indices) for task in tasks]
         epochs = [task.local_epochs(self.spec) for task in tasks]
         mean_loss = (loss_sum.cpu() / (torch.tensor(sizes) * torch.tensor(epochs))).tolist()
-        return [ClientResult(task.client, flat[k].clone(), sizes[k], mean_loss[k],
+        return [ClientResult(task.client, rows[k], sizes[k], mean_loss[k],
                              local_steps(sizes[k], self.spec.batch_size, epochs[k]),
                              extra={name: v[k].clone() for name, v in extra.items()})
                 for k, task in enumerate(tasks)]
@@ -296,6 +309,12 @@ def per_client_why(model: nn.Module, sample: torch.Tensor) -> str:
     if draws_random(model, sample):
         return draws_random_why(model)
     return buffers_why(model) if any(True for _ in model.buffers()) else ""
+
+
+def owned_rows(flat: torch.Tensor) -> list[torch.Tensor]:
+    """Each client's row of [m, P] as its own tensor: a view would keep the whole group's alive, and a checkpoint
+    that saves one reply would save all of them."""
+    return [row.clone() for row in flat]
 
 
 def has_final(algorithm: Algorithm) -> bool:
