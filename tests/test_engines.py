@@ -214,21 +214,25 @@ KERNEL_CLAIMS = {"fedavg": lambda: FedAvg(), "fedprox": lambda: FedProx(0.5),
 
 
 @pytest.mark.parametrize("name", sorted(KERNEL_CLAIMS))
-def test_batched_mlp_kernel_equals_the_vmap_path_for_each_algorithm_it_claims(mnist_small, name):
-    """Two rounds of E=1, B=10 in float64: the kernel and torch.func's vmap path do the same SGD steps."""
+@pytest.mark.parametrize("batch_size", [10, None])
+def test_batched_mlp_kernel_equals_the_vmap_path_for_each_algorithm_it_claims(mnist_small, name, batch_size):
+    """Two rounds of E=1, B=10 (the clients in lockstep) or E=3, B=inf (one client at a time on its whole data, so
+    the proximal and correction terms act from the second step) in float64: the kernel and torch.func's vmap path do
+    the same SGD steps."""
+    epochs = 1 if batch_size else 3
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
         data = Dataset("mnist", Split(mnist_small.train.x[:300].double(), mnist_small.train.y[:300]),
                        Split(mnist_small.test.x[:50].double(), mnist_small.test.y[:50]), mnist_small.input_shape, 10)
         parts = _unequal(iid(300, CLIENTS, 1))
-        fl = FLConfig(clients=CLIENTS, fraction=0.5, local_epochs=1, batch_size=10, lr=0.05, rounds=2,
+        fl = FLConfig(clients=CLIENTS, fraction=0.5, local_epochs=epochs, batch_size=batch_size, lr=0.05, rounds=2,
                       eval_every=2, target_accuracy=None, stop_at_target=False)
         results = {}
         for path in ("kernel", "vmap"):
             torch.manual_seed(0)
             engine = VectorizedEngine(lambda: build_model("2nn", data.input_shape, 10, hidden=16), data.train,
-                                      LocalSpec(1, 10, fl.lr))
+                                      LocalSpec(epochs, batch_size, fl.lr))
             if path == "vmap":
                 engine.uses_kernel = lambda algorithm: False
             torch.manual_seed(0)
@@ -236,8 +240,10 @@ def test_batched_mlp_kernel_equals_the_vmap_path_for_each_algorithm_it_claims(mn
             start = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
             results[path] = run_fedavg(model, parts, data.test, fl, engine, 3, strategy=KERNEL_CLAIMS[name]()).params
             assert engine.last_path.name == path
-        steps = 2 * -(-max(len(p) for p in parts) // 10)
-        assert_same_sgd(results["kernel"], results["vmap"], start, steps, longest_sum("2nn", data.input_shape, 10),
+        largest = max(len(p) for p in parts)
+        steps = 2 * epochs * -(-largest // (batch_size or largest))
+        longest = longest_sum("2nn", data.input_shape, batch_size or largest)
+        assert_same_sgd(results["kernel"], results["vmap"], start, steps, longest,
                         chained_reductions("2nn"))
     finally:
         torch.set_default_dtype(default)
