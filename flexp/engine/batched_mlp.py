@@ -8,6 +8,7 @@ The kernel runs any client side that declares its StepTerms (flexp.algorithm); a
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -60,12 +61,34 @@ def terms(algorithm: Algorithm, messages: Mapping[str, torch.Tensor]) -> tuple[
     return mu, bool(mu), correction, label_maps
 
 
+class Batch(NamedTuple):
+    """What one lockstep step reads besides the inputs, each [m, B, 1]: labels, the valid-sample mask, and the
+    mask over each client's valid count (its mean's weights); `active` [m] is 1 for a client with a batch."""
+
+    labels: torch.Tensor
+    mask: torch.Tensor
+    scale: torch.Tensor
+    active: torch.Tensor
+
+
+def batches(labels: torch.Tensor, mask: torch.Tensor) -> list[Batch]:
+    """Every step's Batch from labels and mask [T, m, B], computed once for all T steps (a step's own small ops
+    each cost a GIL hand-over between the engine's threads)."""
+    counts = mask.sum(2, keepdim=True)
+    scale = (mask / counts.clamp_min(1)).unsqueeze(-1)
+    active = (counts.squeeze(-1) > 0).to(mask.dtype)
+    return [Batch(*step) for step in zip(labels.unsqueeze(-1).unbind(), mask.unsqueeze(-1).unbind(), scale.unbind(),
+                                         active.unbind())]
+
+
 class BatchedMLP:
     """Per-client weights [m, out, in] (PyTorch's layout, so copies in and out are plain) and biases [m, out];
     `step` does one masked SGD step for all."""
 
     def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> None:
         self.weights, self.biases = weights, biases
+        self.transposed = [w.transpose(1, 2) for w in weights]  # views, fresh after in-place steps
+        self.bias_rows = [b.unsqueeze(1) for b in biases]
 
     @classmethod
     def from_flat(cls, flat: torch.Tensor, layers: list[nn.Linear], clients: int) -> BatchedMLP:
@@ -104,37 +127,34 @@ class BatchedMLP:
             parts += [w.reshape(m, -1), b]
         return torch.cat(parts, dim=1)
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, lr: float, mu: float = 0.0,
-             anchor: BatchedMLP | None = None, correction: BatchedMLP | None = None) -> torch.Tensor:
-        """SGD on each client's masked mean cross-entropy; x [m, B, in], y and mask [m, B]; returns losses [m]."""
+    def step(self, x: torch.Tensor, batch: Batch, lr: float, losses: torch.Tensor, mu: float = 0.0,
+             anchor: BatchedMLP | None = None, correction: BatchedMLP | None = None) -> None:
+        """SGD on each client's masked mean cross-entropy over x [m, B, in]; adds the valid samples' losses to
+        `losses` [m, B, 1]."""
         inputs, h = [], x
         last = len(self.weights) - 1
-        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+        for i in range(last + 1):
             inputs.append(h)
-            h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+            h = torch.baddbmm(self.bias_rows[i], h, self.transposed[i])
             if i < last:
                 h = h.relu_()
         log_probs = F.log_softmax(h, dim=-1)
-        count = mask.sum(1).clamp_min(1)
-        scale = (mask / count.unsqueeze(1)).unsqueeze(-1)
-        losses = -(log_probs.gather(-1, y.unsqueeze(-1)) * scale).sum((1, 2))
-        grad = log_probs.exp_().scatter_add_(-1, y.unsqueeze(-1), -torch.ones_like(scale)).mul_(scale)
-        active = (mask.sum(1) > 0).to(mask.dtype)  # extra gradient terms apply only to clients with a batch
-        if mu and anchor is not None:  # FedProx: mu (w - anchor) at the pre-step weights
-            prox_w = [(w - a) * (active * mu).view(-1, 1, 1) for w, a in zip(self.weights, anchor.weights)]
-            prox_b = [(b - a) * (active * mu).view(-1, 1) for b, a in zip(self.biases, anchor.biases)]
+        losses.addcmul_(log_probs.gather(-1, batch.labels), batch.mask, value=-1)
+        grad = log_probs.exp_().scatter_(-1, batch.labels, -1.0, reduce="add").mul_(batch.scale)
+        if mu and anchor is not None:  # FedProx: mu (w - anchor) at the pre-step weights, for clients with a batch
+            prox_w = [(w - a) * (batch.active * mu).view(-1, 1, 1) for w, a in zip(self.weights, anchor.weights)]
+            prox_b = [(b - a) * (batch.active * mu).view(-1, 1) for b, a in zip(self.biases, anchor.biases)]
         for i in range(last, -1, -1):
             grad_in = relu_backward(torch.bmm(grad, self.weights[i]), inputs[i]) if i > 0 else None
             if mu and anchor is not None:
                 self.weights[i].sub_(prox_w[i], alpha=lr)
                 self.biases[i].sub_(prox_b[i], alpha=lr)
             if correction is not None:  # SCAFFOLD: c - c_i
-                self.weights[i].sub_(correction.weights[i] * active.view(-1, 1, 1), alpha=lr)
-                self.biases[i].sub_(correction.biases[i] * active.view(-1, 1), alpha=lr)
+                self.weights[i].sub_(correction.weights[i] * batch.active.view(-1, 1, 1), alpha=lr)
+                self.biases[i].sub_(correction.biases[i] * batch.active.view(-1, 1), alpha=lr)
             self.weights[i].baddbmm_(grad.transpose(1, 2), inputs[i], alpha=-lr)
             self.biases[i].sub_(grad.sum(1), alpha=lr)
             grad = grad_in
-        return losses
 
 
 def relu_backward(grad: torch.Tensor, output: torch.Tensor) -> torch.Tensor:

@@ -187,15 +187,14 @@ class VectorizedEngine:
         net = BatchedMLP.from_flat(global_params, self.layers, clients)
         anchor = BatchedMLP.from_flat(global_params, self.layers, clients) if anchor else None
         correction = BatchedMLP.from_rows(correction, self.layers) if correction is not None else None
-        loss_sum = torch.zeros(clients, device=self.device, dtype=self.dtype)
         plan = lockstep_plan(tasks, self.spec).to(self.device, self.dtype)
-        for idx, mask in zip(plan.indices, plan.mask):
+        labels = self.train.y[plan.indices]
+        labels = labels if label_maps is None else torch.gather(label_maps.expand(len(labels), -1, -1), 2, labels)
+        losses = torch.zeros(clients, plan.mask.shape[2], 1, device=self.device, dtype=self.dtype)
+        for idx, batch in zip(plan.indices, batched_mlp.batches(labels, plan.mask)):
             interrupt.check()
-            y = self.train.y[idx]
-            y = y if label_maps is None else torch.gather(label_maps, 1, y)
-            losses = net.step(self.flat_x[idx], y, mask, self.spec.lr, mu, anchor, correction)
-            loss_sum += losses * mask.sum(1)
-        return owned_rows(net.flat()), loss_sum, {}
+            net.step(self.flat_x[idx], batch, self.spec.lr, losses, mu, anchor, correction)
+        return owned_rows(net.flat()), losses.sum((1, 2)), {}
 
     def _train_full(self, global_params: torch.Tensor, tasks: Sequence[ClientTask], mu: float, anchor: bool,
                     correction: torch.Tensor | None,
@@ -211,10 +210,13 @@ class VectorizedEngine:
             if k:
                 net.load_(global_params)
             fix = BatchedMLP.from_rows(correction[k:k + 1], self.layers) if correction is not None else None
-            mask = torch.ones((1, len(y)), device=self.device, dtype=self.dtype)
+            [batch] = batched_mlp.batches(y[None, None], torch.ones((1, 1, len(y)), device=self.device,
+                                                                    dtype=self.dtype))
+            losses = torch.zeros(1, len(y), 1, device=self.device, dtype=self.dtype)
             for _ in range(task.local_epochs(self.spec)):
                 interrupt.check()
-                loss_sum[k] += net.step(x[None], y[None], mask, self.spec.lr, mu, start, fix)[0] * len(y)
+                net.step(x[None], batch, self.spec.lr, losses, mu, start, fix)
+            loss_sum[k] = losses.sum()
             rows.append(net.flat()[0])
         return rows, loss_sum, {}
 
