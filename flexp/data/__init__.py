@@ -30,14 +30,35 @@ def load_mnist_dataset(cfg: DatasetConfig, log: Callable[[str], None] = print) -
 
 def load_synthetic_dataset(cfg: DatasetConfig) -> Dataset:
     """Synthetic(alpha, beta); each user's last test_fraction of samples goes to the shared test set."""
-    from flexp.data.synthetic import generate, split_per_user
+    from flexp.data.synthetic import generate, split_per_user, total_samples
 
+    need = total_samples(cfg.users, cfg.samples_per_user, cfg.seed) * (2 * 4 * cfg.features + 40)
+    free = available_memory()
+    if free is not None and need > free:
+        key, value = ("dataset.users", cfg.users) if cfg.samples_per_user is None else \
+            ("dataset.samples_per_user", cfg.samples_per_user)
+        sizes = "FedProx's power-law sizes (dataset.samples_per_user: null)" if cfg.samples_per_user is None \
+            else f"{cfg.samples_per_user} samples for each of {cfg.users:,} users"
+        raise ConfigError(key, value, f"{sizes} need about {need / 2**30:.1f} GiB to generate, more than the "
+                          f"{free / 2**30:.1f} GiB free here; set fewer users or dataset.samples_per_user")
     x, y, users = generate(cfg.alpha, cfg.beta, cfg.users, cfg.samples_per_user, cfg.features,
                            cfg.classes, cfg.seed)
     train, test = split_per_user(users, cfg.test_fraction, cfg.seed)
     return Dataset("synthetic", Split(torch.from_numpy(x[train]), torch.from_numpy(y[train])),
                    Split(torch.from_numpy(x[test]), torch.from_numpy(y[test])), (cfg.features,),
                    cfg.classes, users[train], users[test], np.arange(cfg.users))
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says a new allocation can have (MemAvailable), or None where it does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def load_target_dataset(cfg: DatasetConfig) -> FederatedDataset:

@@ -14,10 +14,7 @@ def generate(alpha: float, beta: float, users: int, samples_per_user: int | None
     Each user's model then inputs are consecutive standard normals of one stream (what rng.normal(loc, 1) draws),
     drawn a chunk of users at a time and written into arrays of the final size: no float64 copy of x, few calls."""
     rng = np.random.default_rng(seed)
-    if samples_per_user is None:
-        sizes = rng.lognormal(4, 2, users).astype(int) + 50
-    else:
-        sizes = np.full(users, samples_per_user)
+    sizes = _sizes(rng, users, samples_per_user)
     std = np.arange(1, features + 1, dtype=np.float64) ** -0.6
     model_means = rng.normal(0, np.sqrt(alpha), users) if alpha else np.zeros(users)
     input_centres = rng.normal(0, np.sqrt(beta), users) if beta else np.zeros(users)
@@ -32,6 +29,18 @@ def generate(alpha: float, beta: float, users: int, samples_per_user: int | None
         x_all[span], y_all[span] = (_equal_users if same else _users)(
             z, sizes[first:last], model_means[first:last], input_centres[first:last], std, classes)
     return x_all, y_all, np.repeat(np.arange(users), sizes).astype(np.int64)
+
+
+def _sizes(rng: np.random.Generator, users: int, samples_per_user: int | None) -> np.ndarray:
+    """Samples per user: FedProx's power law, lognormal(4, 2) + 50, or the same for all."""
+    if samples_per_user is None:
+        return rng.lognormal(4, 2, users).astype(int) + 50
+    return np.full(users, samples_per_user)
+
+
+def total_samples(users: int, samples_per_user: int | None, seed: int) -> int:
+    """How many samples generate() makes for these settings, without making them."""
+    return int(_sizes(np.random.default_rng(seed), users, samples_per_user).sum())
 
 
 def _users(z: np.ndarray, sizes: np.ndarray, means: np.ndarray, centres: np.ndarray, std: np.ndarray,
