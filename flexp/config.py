@@ -478,6 +478,9 @@ def _device(s: _Section) -> str:
     return value
 
 
+RAY_ONLY = {"address": "local", "num_cpus": 1.0, "num_gpus": 0.0, "actor_engine": "auto"}  # and their defaults
+
+
 def _engine(tree: Mapping[str, Any]) -> EngineConfig:
     s = _Section(tree, "engine")
     engine = EngineConfig(
@@ -491,6 +494,11 @@ def _engine(tree: Mapping[str, Any]) -> EngineConfig:
         num_gpus=s.number("num_gpus", low=0.0, default=0.0),
         actor_engine=s.choice("actor_engine", ("auto", "threads", "vectorized"), default="auto"),
     )
+    if engine.name != "ray":
+        for name, default in RAY_ONLY.items():
+            if getattr(engine, name) != default:
+                raise ConfigError(s.key(name), getattr(engine, name), f"is a setting of engine=ray, which "
+                                  f"engine={engine.name} would ignore (add engine=ray to run on Ray)")
     return engine
 
 

@@ -88,6 +88,8 @@ CASES = [
     (["strategy=fedbuff", "system=uniform", "clients.dropout=0.1"], "clients.dropout=0.1: is not simulated"),
     (["async.concurrency=5"], "async.concurrency=5: needs an asynchronous strategy (strategy=fedbuff)"),
     (["async.buffer=5"], "async.buffer: unknown key"),
+    (["engine=threads", "engine.address=auto"], "engine.address='auto': is a setting of engine=ray"),
+    (["+engine.actor_engine=threads"], "engine.actor_engine='threads': is a setting of engine=ray"),
     (["dataset.users=10000000", "dataset.samples_per_user=null"], "dataset.users=10000000: FedProx's power-law sizes"),
     (["dataset.users=10000", "dataset.samples_per_user=10000000"], "dataset.samples_per_user=10000000: 10000000 samp"),
 ]
