@@ -62,8 +62,9 @@ def terms(algorithm: Algorithm, messages: Mapping[str, torch.Tensor]) -> tuple[
 
 
 class Batch(NamedTuple):
-    """What one lockstep step reads besides the inputs, each [m, B, 1]: labels, the valid-sample mask, and the
-    mask over each client's valid count (its mean's weights); `active` [m] is 1 for a client with a batch."""
+    """What one lockstep step reads besides the inputs, each [m, B, 1]: labels, the valid-sample mask, and that
+    mask divided by each client's count of valid samples (the weights of its mean loss); `active` [m] is 1 for a
+    client with a batch this step."""
 
     labels: torch.Tensor
     mask: torch.Tensor
