@@ -83,12 +83,14 @@ def batches(labels: torch.Tensor, mask: torch.Tensor) -> list[Batch]:
 
 
 class BatchedMLP:
-    """Per-client weights [m, out, in] (PyTorch's layout, so copies in and out are plain) and biases [m, out];
-    `step` does one masked SGD step for all."""
+    """Per-client transposed weights [m, in, out] and biases [m, out]; `step` does one masked SGD step for all.
+
+    The GEMMs' operand layouts decide their rounding: the weights stay [in, out] so results equal earlier versions'
+    bit for bit (PyTorch's [out, in] measured 3-10% faster here, but rounds differently)."""
 
     def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> None:
         self.weights, self.biases = weights, biases
-        self.transposed = [w.transpose(1, 2) for w in weights]  # views, fresh after in-place steps
+        self.transposed = [w.transpose(1, 2) for w in weights]  # [m, out, in] views, fresh after in-place steps
         self.bias_rows = [b.unsqueeze(1) for b in biases]
 
     @classmethod
@@ -105,7 +107,7 @@ class BatchedMLP:
             out_f, in_f = layer.weight.shape
             w = rows[:, offset:offset + out_f * in_f].reshape(clients, out_f, in_f)
             offset += out_f * in_f
-            weights.append(w.clone(memory_format=torch.contiguous_format))
+            weights.append(w.transpose(1, 2).clone(memory_format=torch.contiguous_format))
             biases.append(rows[:, offset:offset + out_f].clone(memory_format=torch.contiguous_format))
             offset += out_f
         return cls(weights, biases)
@@ -113,10 +115,10 @@ class BatchedMLP:
     def load_(self, flat: torch.Tensor) -> BatchedMLP:
         """Copy one flat parameter vector (PyTorch's order) into every client's tensors, in place."""
         offset = 0
-        for w, b in zip(self.weights, self.biases):
-            for t in (w, b):
-                size = t[0].numel()
-                t.copy_(flat[offset:offset + size].view(t.shape[1:]))
+        for w, t, b in zip(self.weights, self.transposed, self.biases):
+            for dest in (t, b):
+                size = dest[0].numel()
+                dest.copy_(flat[offset:offset + size].view(dest.shape[1:]))
                 offset += size
         return self
 
@@ -124,8 +126,8 @@ class BatchedMLP:
         """[m, P] parameter vectors in PyTorch's order."""
         m = self.weights[0].shape[0]
         parts = []
-        for w, b in zip(self.weights, self.biases):
-            parts += [w.reshape(m, -1), b]
+        for t, b in zip(self.transposed, self.biases):
+            parts += [t.reshape(m, -1), b]
         return torch.cat(parts, dim=1)
 
     def step(self, x: torch.Tensor, batch: Batch, lr: float, losses: torch.Tensor, mu: float = 0.0,
@@ -136,7 +138,7 @@ class BatchedMLP:
         last = len(self.weights) - 1
         for i in range(last + 1):
             inputs.append(h)
-            h = torch.baddbmm(self.bias_rows[i], h, self.transposed[i])
+            h = torch.baddbmm(self.bias_rows[i], h, self.weights[i])
             if i < last:
                 h = h.relu_()
         log_probs = F.log_softmax(h, dim=-1)
@@ -146,14 +148,14 @@ class BatchedMLP:
             prox_w = [(w - a) * (batch.active * mu).view(-1, 1, 1) for w, a in zip(self.weights, anchor.weights)]
             prox_b = [(b - a) * (batch.active * mu).view(-1, 1) for b, a in zip(self.biases, anchor.biases)]
         for i in range(last, -1, -1):
-            grad_in = relu_backward(torch.bmm(grad, self.weights[i]), inputs[i]) if i > 0 else None
+            grad_in = relu_backward(torch.bmm(grad, self.transposed[i]), inputs[i]) if i > 0 else None
             if mu and anchor is not None:
                 self.weights[i].sub_(prox_w[i], alpha=lr)
                 self.biases[i].sub_(prox_b[i], alpha=lr)
             if correction is not None:  # SCAFFOLD: c - c_i
                 self.weights[i].sub_(correction.weights[i] * batch.active.view(-1, 1, 1), alpha=lr)
                 self.biases[i].sub_(correction.biases[i] * batch.active.view(-1, 1), alpha=lr)
-            self.weights[i].baddbmm_(grad.transpose(1, 2), inputs[i], alpha=-lr)
+            self.weights[i].baddbmm_(inputs[i].transpose(1, 2), grad, alpha=-lr)
             self.biases[i].sub_(grad.sum(1), alpha=lr)
             grad = grad_in
 
