@@ -112,14 +112,9 @@ class BatchedMLP:
             offset += out_f
         return cls(weights, biases)
 
-    def load_(self, flat: torch.Tensor) -> BatchedMLP:
-        """Copy one flat parameter vector (PyTorch's order) into every client's tensors, in place."""
-        offset = 0
-        for w, t, b in zip(self.weights, self.transposed, self.biases):
-            for dest in (t, b):
-                size = dest[0].numel()
-                dest.copy_(flat[offset:offset + size].view(dest.shape[1:]))
-                offset += size
+    def load_(self, other: BatchedMLP) -> BatchedMLP:
+        """Copy `other`'s weights and biases (same shapes, or one client's to all) into this one's, in place."""
+        torch._foreach_copy_(self.weights + self.biases, other.weights + other.biases)
         return self
 
     def flat(self) -> torch.Tensor:

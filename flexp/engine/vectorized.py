@@ -200,22 +200,23 @@ class VectorizedEngine:
                     correction: torch.Tensor | None,
                     label_maps: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor, dict]:
         """B=inf: one client at a time on its whole data in place, each starting from the global weights copied
-        into the same working tensors (fresh memory costs a page fault per 4 KiB written)."""
+        into the same working tensors (fresh memory costs a page fault per 4 KiB written) from one copy in the
+        kernel's layout (a plain copy, not a transposing one)."""
         rows, loss_sum = [], torch.zeros(len(tasks), device=self.device, dtype=self.dtype)
-        start = BatchedMLP.from_flat(global_params, self.layers, 1) if anchor else None  # read only
+        start = BatchedMLP.from_flat(global_params, self.layers, 1)  # read only: each client's start, FedProx's anchor
         net = BatchedMLP.from_flat(global_params, self.layers, 1)
         for k, task in enumerate(tasks):
             x, y = self.full.client(task)
             y = y if label_maps is None else label_maps[k][y]
             if k:
-                net.load_(global_params)
+                net.load_(start)
             fix = BatchedMLP.from_rows(correction[k:k + 1], self.layers) if correction is not None else None
             [batch] = batched_mlp.batches(y[None, None], torch.ones((1, 1, len(y)), device=self.device,
                                                                     dtype=self.dtype))
             losses = torch.zeros(1, len(y), 1, device=self.device, dtype=self.dtype)
             for _ in range(task.local_epochs(self.spec)):
                 interrupt.check()
-                net.step(x[None], batch, self.spec.lr, losses, mu, start, fix)
+                net.step(x[None], batch, self.spec.lr, losses, mu, start if anchor else None, fix)
             loss_sum[k] = losses.sum()
             rows.append(net.flat()[0])
         return rows, loss_sum, {}
