@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from rounds import SETTINGS, cpu_model, flexp_loop, hand_loop, matmul_gflops, round_flops  # noqa: E402
+from rounds import SETTINGS, Help, cpu_model, flexp_loop, hand_loop, matmul_gflops, round_flops  # noqa: E402
 
 from flexp.config import DatasetConfig  # noqa: E402
 from flexp.data import load_mnist_dataset  # noqa: E402
@@ -37,10 +37,6 @@ from flexp.partition import iid  # noqa: E402
 CLIENTS, SEED = 100, 0
 PEERS = {"pfl": "pfl_round.py", "flower": "flower_round.py"}
 NAMES = {"pfl": "pfl-research", "flower": "Flower"}
-
-
-class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring as written, and each option's default."""
 
 
 def export(name: str, data, parts: list[torch.Tensor], init: torch.nn.Module, rounds: int, path: Path) -> None:

@@ -242,15 +242,21 @@ def summarise(model: str, variant: str, rounds: list[dict], warmup: int, samples
                100 * floor_s / round_s, rss, [round(r["accuracy"], 4) for r in rounds])
 
 
+class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and each option's default."""
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     parser.add_argument("--models", default="2nn,cnn", help=f"comma-separated, of {', '.join(SETTINGS)}")
-    parser.add_argument("--variants", default="reference,hand,threads,vectorized")
+    parser.add_argument("--variants", default="reference,hand,threads,vectorized",
+                        help="comma-separated, of reference, hand, threads, vectorized (see above)")
     parser.add_argument("--rounds", type=int, default=5, help="measured rounds (after --warmup)")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--root", default=os.environ.get("FLEXP_DATA", "~/.cache/flexp"))
-    parser.add_argument("--out", default="outputs/bench")
+    parser.add_argument("--warmup", type=int, default=1, help="rounds run first and left out of the medians")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--root", default=os.environ.get("FLEXP_DATA", "~/.cache/flexp"),
+                        help="MNIST's data folder (as dataset.root; $FLEXP_DATA when set)")
+    parser.add_argument("--out", default="outputs/bench", help="where the JSON goes")
     parser.add_argument("--compression", default="none", help="codecs for the flexp variants, comma-separated: "
                         "none, quantize:BITS, topk:RATIO, random_mask:RATIO, sign")
     parser.add_argument("--repeat", type=int, default=1, help="run the variants this many times, interleaved "
